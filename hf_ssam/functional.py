@@ -1,0 +1,123 @@
+"""The SAM-family maths as pure, stateless functions on lists of tensors.
+
+Symbols follow the SSAM paper (Tan et al., arXiv 2401.07250):
+
+* ``w``     — the trainable parameters, ``g = ∇F(w)`` their gradient on a mini-batch;
+* ``e``     — the perturbation, ``e = ρ·d(g, w)`` with ``d`` set by the variant;
+* ``g_asc`` — the gradient at the perturbed point ``w + e`` on the same mini-batch;
+* ``γ``     — the renormalization factor ``‖g‖ / ‖g_asc‖`` (SSAM's step 6).
+
+Every norm is the global L2 norm over all the tensors of the list. Nothing here knows about
+optimizers, models or the Trainer; :class:`~hf_ssam.SSAMOptimizer` and :class:`~hf_ssam.SSAMTrainer`
+are thin glue over these functions. Multi-tensor ``torch._foreach_*`` kernels keep the per-step
+cost to a handful of launches whatever the number of parameter tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "PERTURBATIONS",
+    "VARIANTS",
+    "ascend",
+    "global_norm",
+    "perturbation_scale",
+    "renormalization_factor",
+    "rescale_",
+    "restore_",
+    "uses_renormalization",
+]
+
+#: The variants and how they perturb: ``sam`` (SAM*, normalized), ``usam`` (SAM, unnormalized),
+#: ``asam`` (adaptive), ``ssam`` (unnormalized perturbation + renormalization).
+VARIANTS: tuple[str, ...] = ("ssam", "sam", "usam", "asam")
+
+#: The perturbation ``d(g, w)`` each variant uses (``ssam`` perturbs like ``usam``).
+PERTURBATIONS: dict[str, str] = {"ssam": "usam", "sam": "sam", "usam": "usam", "asam": "asam"}
+
+
+def uses_renormalization(variant: str, renormalize: bool | None) -> bool:
+    """Whether step 6 (``g_asc ← γ·g_asc``) runs: ``renormalize`` if given, else only for ``ssam``."""
+    return variant == "ssam" if renormalize is None else renormalize
+
+
+def global_norm(tensors: Sequence[Tensor]) -> Tensor:
+    """``‖x‖₂`` over all the tensors, as a float32 (or float64) scalar tensor; 0 for an empty list."""
+    if len(tensors) == 0:
+        return torch.zeros(())
+    dtype = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
+    norms = torch._foreach_norm(tensors, 2, dtype=dtype)  # ‖x_i‖ per tensor
+    return torch.linalg.vector_norm(torch.stack(norms), 2)  # ‖x‖ = ‖(‖x_1‖, …, ‖x_n‖)‖
+
+
+def perturbation_scale(
+    variant: str,
+    rho: float,
+    grad_norm: Tensor,
+    *,
+    params: Sequence[Tensor] = (),
+    grads: Sequence[Tensor] = (),
+    asam_eta: float = 0.01,
+    grad_unscale: float = 1.0,
+) -> Tensor:
+    """The scalar ``s`` such that the perturbation is ``e = s·g`` (``e = s·T²·g`` for ``asam``).
+
+    ``grads`` may carry a constant factor (a loss scale, a ``1/k`` accumulation normalization):
+    ``grad_unscale`` converts them back to ``g``. ``grad_norm`` is the norm of the *stored*
+    gradients. ``sam`` and ``asam`` are invariant to that factor; ``usam``/``ssam`` are not.
+    """
+    kind = PERTURBATIONS[variant]
+    if kind == "usam":
+        return torch.full_like(grad_norm, rho * grad_unscale)  # e = ρ·g
+    if kind == "sam":
+        return rho / grad_norm  # e = ρ·g/‖g‖
+    t_g = torch._foreach_abs(params)  # T = |w| + η
+    torch._foreach_add_(t_g, asam_eta)
+    torch._foreach_mul_(t_g, grads)  # T·g
+    return rho / global_norm(t_g)  # e = ρ·T²g/‖Tg‖
+
+
+def ascend(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    scale: Tensor,
+    *,
+    variant: str,
+    asam_eta: float = 0.01,
+) -> None:
+    """Climb in place: ``w ← w + e`` with ``e = scale·g`` (``scale·T²·g`` for ``asam``)."""
+    if PERTURBATIONS[variant] == "asam":
+        t = torch._foreach_abs(params)  # T = |w| + η
+        torch._foreach_add_(t, asam_eta)
+        torch._foreach_mul_(t, t)  # T²
+        torch._foreach_mul_(t, grads)  # T²·g
+        torch._foreach_mul_(t, scale)  # e = ρ·T²g/‖Tg‖
+        torch._foreach_add_(params, t)  # w_asc = w + e
+    else:
+        e = torch._foreach_mul(grads, scale)  # e = s·g
+        torch._foreach_add_(params, e)  # w_asc = w + e
+
+
+def restore_(params: Sequence[Tensor], backup: Sequence[Tensor]) -> None:
+    """Copy the saved weights back: ``w ← w`` exactly (never ``w_asc − e``, which rounds)."""
+    torch._foreach_copy_(params, backup)
+
+
+def renormalization_factor(grad_norm: Tensor, ascent_grad_norm: Tensor) -> tuple[Tensor, Tensor]:
+    """``γ = ‖g‖ / ‖g_asc‖``, and whether it is valid.
+
+    A zero or non-finite norm gives ``γ = 1`` (the rescale is skipped) instead of a NaN/Inf;
+    the second value is ``True`` where the rescale was skipped. No host synchronisation.
+    """
+    valid = torch.isfinite(grad_norm) & torch.isfinite(ascent_grad_norm) & (ascent_grad_norm > 0) & (grad_norm > 0)
+    gamma = torch.where(valid, grad_norm / torch.where(valid, ascent_grad_norm, 1.0), 1.0)  # γ = ‖g‖/‖g_asc‖
+    return gamma, ~valid
+
+
+def rescale_(grads: Sequence[Tensor], gamma: Tensor) -> None:
+    """``g_asc ← γ·g_asc`` in place."""
+    torch._foreach_mul_(grads, gamma.to(grads[0].dtype) if len(grads) else gamma)

@@ -1,0 +1,162 @@
+"""`SSAMOptimizer`: the SAM-family step for plain PyTorch and timm training loops."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import functional as F
+from .arguments import NO_SAM, check_sam_config
+from .passes import RNGState
+
+__all__ = ["SSAMOptimizer"]
+
+
+class SSAMOptimizer(torch.optim.Optimizer):
+    """Wraps a base optimizer with a SAM-family two-pass step.
+
+    Args:
+        params: parameters or parameter groups, as for any optimizer.
+        base_optimizer_cls: the optimizer that takes the step (e.g. `torch.optim.SGD`, `torch.optim.AdamW`).
+        variant: `"ssam"`, `"sam"`, `"usam"` or `"asam"` (see :class:`~hf_ssam.SSAMTrainingArguments`).
+        rho: perturbation radius ρ ≥ 0.
+        renormalize: rescale the descent gradient by γ = ‖g‖/‖g_asc‖; None means on for `"ssam"` only.
+        asam_eta: ASAM's η ≥ 0.
+        **base_kwargs: passed to `base_optimizer_cls` (lr, momentum, weight_decay, …).
+
+    Two ways to use it::
+
+        loss_fn(model(x), y).backward()
+        opt.first_step(zero_grad=True)      # w ← w + e
+        loss_fn(model(x), y).backward()     # g_asc at w + e (same batch)
+        opt.second_step(zero_grad=True)     # w restored, g_asc rescaled, base step
+
+        opt.step(lambda: loss_fn(model(x), y).backward() or ...)  # or: a closure doing forward + backward
+
+    The parameter groups are the base optimizer's, so LR schedulers attach to this object and
+    `state_dict()` / `load_state_dict()` carry the base optimizer's state (momentum, Adam moments).
+    Norms are global over all parameters with a gradient. Gradients must be unscaled (no fp16 loss scale).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        base_optimizer_cls: type[torch.optim.Optimizer],
+        *,
+        variant: str = "ssam",
+        rho: float = 0.05,
+        renormalize: bool | None = None,
+        asam_eta: float = 0.01,
+        **base_kwargs: Any,
+    ) -> None:
+        check_sam_config(variant, rho, renormalize, asam_eta, prefix="")
+        if variant == NO_SAM:
+            raise ValueError(f"variant={variant!r} is not supported by SSAMOptimizer; choose one of {list(F.VARIANTS)} "
+                             "(use the base optimizer itself for plain training).")
+        if not (isinstance(base_optimizer_cls, type) and issubclass(base_optimizer_cls, torch.optim.Optimizer)):
+            raise ValueError(f"base_optimizer_cls={base_optimizer_cls!r} is not a torch.optim.Optimizer subclass.")
+        defaults = dict(variant=variant, rho=rho, renormalize=renormalize, asam_eta=asam_eta, **base_kwargs)
+        super().__init__(params, defaults)
+        self.base_optimizer = base_optimizer_cls(self.param_groups, **base_kwargs)
+        self._link_base()
+        self._backup: dict[Tensor, Tensor] = {}
+        self._grad_norm: Tensor | None = None
+        self.last_metrics: dict[str, float] = {}
+
+    def _link_base(self) -> None:
+        """Share param groups and state with the base optimizer (one truth for schedulers and checkpoints)."""
+        self.param_groups = self.base_optimizer.param_groups
+        self.state = self.base_optimizer.state
+        self.defaults.update(self.base_optimizer.defaults)
+
+    def _params_with_grad(self, group: dict[str, Any]) -> list[Tensor]:
+        return [p for p in group["params"] if p.grad is not None]
+
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = False) -> None:
+        """Climb from `w` to `w + e` using the gradients in `.grad` (saving `w` to restore it exactly)."""
+        groups = [(g, self._params_with_grad(g)) for g in self.param_groups]
+        all_grads = [p.grad for _, ps in groups for p in ps]
+        self._grad_norm = grad_norm = F.global_norm(all_grads)  # ‖g‖
+        self._backup.clear()
+        if not bool(torch.isfinite(grad_norm) & (grad_norm > 0)):
+            self._skipped = True  # zero or non-finite ‖g‖: no perturbation this step
+        else:
+            self._skipped = False
+            for group, ps in groups:
+                if not ps:
+                    continue
+                grads = [p.grad for p in ps]
+                all_ps = [p for _, qs in groups for p in qs] if group["variant"] == "asam" else ps
+                all_gs = [p.grad for p in all_ps]
+                scale = F.perturbation_scale(
+                    group["variant"], group["rho"], grad_norm, params=all_ps, grads=all_gs, asam_eta=group["asam_eta"]
+                )
+                backup = [p.detach().clone() for p in ps]  # save w
+                self._backup.update(zip(ps, backup))
+                F.ascend(ps, grads, scale.to(ps[0].device), variant=group["variant"], asam_eta=group["asam_eta"])
+        if zero_grad:
+            self.zero_grad()
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False) -> None:
+        """Restore `w` exactly, rescale `g_asc` (if renormalizing) and let the base optimizer step."""
+        if self._grad_norm is None:
+            raise RuntimeError("second_step() called before first_step().")
+        if self._backup:
+            params = list(self._backup)
+            F.restore_(params, list(self._backup.values()))  # w, exactly
+            self._backup.clear()
+        ascent_grads = [p.grad for g in self.param_groups for p in self._params_with_grad(g)]
+        ascent_grad_norm = F.global_norm(ascent_grads)  # ‖g_asc‖
+        gamma, rescale_skipped = F.renormalization_factor(self._grad_norm, ascent_grad_norm)  # γ = ‖g‖/‖g_asc‖
+        renormalized = False
+        for group in self.param_groups:
+            if F.uses_renormalization(group["variant"], group["renormalize"]):
+                renormalized = True
+                F.rescale_(self._params_grads(group), gamma)  # g_asc ← γ·g_asc
+        self.base_optimizer.step()
+        self.last_metrics = {
+            "grad_norm": float(self._grad_norm),
+            "ascent_grad_norm": float(ascent_grad_norm),
+            "gamma": float(gamma),
+            "skipped": float(self._skipped or (renormalized and bool(rescale_skipped))),
+        }
+        self._grad_norm = None
+        if zero_grad:
+            self.zero_grad()
+
+    def _params_grads(self, group: dict[str, Any]) -> list[Tensor]:
+        return [p.grad for p in self._params_with_grad(group)]
+
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor:  # type: ignore[override]
+        """A whole SAM step. `closure` runs forward + backward on one batch and returns the loss at `w`.
+
+        The gradients are zeroed before each of the two calls and the RNG is replayed for the second,
+        so both passes see the same dropout masks. Returns the loss of the first call.
+        """
+        if closure is None:
+            raise ValueError("SSAMOptimizer.step needs closure=...: a function running forward + backward "
+                             "and returning the loss (or call first_step() / second_step() yourself).")
+        rng = RNGState.capture()
+        self.zero_grad()
+        with torch.enable_grad():
+            loss = closure()  # g = ∇F(w)
+        self.first_step(zero_grad=True)
+        rng.restore()
+        with torch.enable_grad():
+            closure()  # g_asc = ∇F(w + e)
+        self.second_step()
+        return loss
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load the base optimizer's state (and the SAM settings kept in the param groups)."""
+        self.base_optimizer.load_state_dict(state_dict)
+        self._link_base()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The base optimizer's state dict; the param groups also hold `variant`, `rho`, `renormalize`, `asam_eta`."""
+        return self.base_optimizer.state_dict()

@@ -1,0 +1,278 @@
+"""`SSAMTrainer`: `transformers.Trainer` with a SAM-family two-pass step.
+
+Only :meth:`SSAMTrainer.training_step` changes. Each call runs the Trainer's own forward/backward
+twice through ``self.accelerator`` (so loss scaling, gradient-accumulation normalization, autocast and
+``compute_loss`` overrides are exactly the Trainer's), and leaves the SAM gradient in ``.grad``:
+clipping, the base optimizer's step, the scheduler, logging and checkpoints stay the Trainer's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainingArguments
+
+from . import functional as F
+from .arguments import SSAMTrainingArguments
+from .passes import RNGState, batchnorm_modules, freeze_batchnorm_stats
+
+__all__ = ["METRIC_NAMES", "SSAMTrainer"]
+
+#: Keys added to the training logs, averaged over each logging window (``sam/skipped`` is a count).
+METRIC_NAMES: tuple[str, ...] = (
+    "sam/grad_norm",
+    "sam/ascent_grad_norm",
+    "sam/gamma",
+    "sam/ascent_loss",
+    "sam/skipped",
+)
+# Row layout of the on-device metric accumulator (no host sync until a log is written).
+_GRAD_NORM, _ASCENT_GRAD_NORM, _GAMMA, _ASCENT_LOSS, _SKIPPED, _MICRO_BATCHES, _STEPS = range(7)
+
+
+class SSAMTrainer(Trainer):
+    """A drop-in [`~transformers.Trainer`] that trains with SSAM, SAM, USAM or ASAM.
+
+    Takes the same arguments as `Trainer`. `args` should be an [`SSAMTrainingArguments`]; a plain
+    `TrainingArguments` is promoted with the SAM fields at their defaults (`sam_variant="ssam"`,
+    `sam_rho=0.05`). The optimizer is the base optimizer (AdamW unless `optim` or `optimizers=` say
+    otherwise), so schedulers, `optim` choices and checkpoints behave as with `Trainer`.
+
+    Each optimizer step (every `sam_interval` steps), for every micro-batch:
+
+    1. the gradient accumulated by earlier micro-batches is set aside;
+    2. ascent pass: `g = ∇F(w)` (the Trainer's own `training_step`);
+    3. `w ← w + e` with `e = ρ·d(g, w)`; the weights are saved first;
+    4. descent pass on the same batch, same dropout masks, BatchNorm statistics untouched: `g_asc = ∇F(w + e)`;
+    5. `w` is copied back exactly; with renormalization `g_asc ← (‖g‖/‖g_asc‖)·g_asc`;
+    6. the set-aside gradient is added back, so the accumulated gradient is the sum of per-micro-batch
+       SAM gradients, normalized like the Trainer's.
+
+    Logs gain `sam/grad_norm`, `sam/ascent_grad_norm`, `sam/gamma`, `sam/ascent_loss` (loss at `w + e`)
+    and `sam/skipped` (micro-batches whose perturbation or rescale was skipped for a zero or non-finite norm).
+    """
+
+    args: SSAMTrainingArguments
+
+    def __init__(self, model: nn.Module | None = None, args: TrainingArguments | None = None, *posargs, **kwargs):
+        if args is None:
+            args = SSAMTrainingArguments(output_dir="trainer_output")
+        elif not isinstance(args, SSAMTrainingArguments):
+            args = SSAMTrainingArguments.from_training_arguments(args)
+        super().__init__(model, args, *posargs, **kwargs)
+        if args.sam_enabled and (self.is_deepspeed_enabled or self.is_fsdp_enabled):
+            backend = "DeepSpeed" if self.is_deepspeed_enabled else "FSDP"
+            raise ValueError(
+                f"{backend} is not supported with sam_variant={args.sam_variant!r}: the two-pass step needs "
+                "unsharded parameters and a backward() that does not step. Supported: single process and DDP "
+                "(accelerate launch --multi_gpu / torchrun); use sam_variant='none' for plain training."
+            )
+        self._sam_param_cache: tuple[Any, list[nn.Parameter]] | None = None
+        self._sam_bn_cache: tuple[nn.Module, list[nn.Module]] | None = None
+        self._sam_backup: list[torch.Tensor] | None = None
+        self._sam_metrics: torch.Tensor | None = None
+
+    # ----------------------------------------------------------------------------------------- the step
+
+    def training_step(
+        self,
+        model: nn.Module,
+        inputs: dict[str, torch.Tensor | Any],
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor:
+        """One micro-batch of a SAM-family step; returns the loss at `w`, exactly as `Trainer` reports it."""
+        args = self.args
+        if not args.sam_enabled or self.state.global_step % args.sam_interval != 0:
+            return super().training_step(model, inputs, num_items_in_batch)
+
+        params = self._trainable_params()
+        stash = _take_grads(params)  # gradient of earlier micro-batches, set aside
+        rng = RNGState.capture() if args.sam_replay_rng else None
+        k = self.current_gradient_accumulation_steps
+
+        with self._pass_sync_context(model):
+            loss = super().training_step(model, _shallow_copy(inputs), num_items_in_batch)  # g = ∇F(w)
+
+        with torch.no_grad():
+            with_grad = [p for p in params if p.grad is not None]
+            grads = [p.grad for p in with_grad]
+            grad_unscale = k / self._loss_scale()  # stored grads = g · loss_scale / k
+            grad_norm = F.global_norm(grads)  # ‖g‖ (stored units)
+            scale = F.perturbation_scale(
+                args.sam_variant,
+                args.sam_rho,
+                grad_norm,
+                params=with_grad,
+                grads=grads,
+                asam_eta=args.sam_asam_eta,
+                grad_unscale=grad_unscale,
+            )
+            perturb = bool(torch.isfinite(scale) & (grad_norm > 0) & torch.isfinite(grad_norm))  # one host sync
+            if perturb:
+                backup = self._backup_buffers(with_grad)
+                torch._foreach_copy_(backup, with_grad)  # save w
+                F.ascend(with_grad, grads, scale, variant=args.sam_variant, asam_eta=args.sam_asam_eta)  # w + e
+            torch._foreach_zero_(grads)  # reuse the buffers for g_asc
+
+        if rng is not None:
+            rng.restore()  # same dropout masks in both passes
+        with self._pass_sync_context(model), freeze_batchnorm_stats(self._batchnorm_layers(model)):
+            ascent_loss = super().training_step(model, _shallow_copy(inputs), num_items_in_batch)  # g_asc
+
+        with torch.no_grad():
+            if perturb:
+                F.restore_(with_grad, backup)  # w, exactly
+            with_grad = [p for p in params if p.grad is not None]
+            ascent_grads = [p.grad for p in with_grad]
+            ascent_grad_norm = F.global_norm(ascent_grads)  # ‖g_asc‖ (stored units)
+            gamma, rescale_skipped = F.renormalization_factor(grad_norm, ascent_grad_norm)
+            renormalize = F.uses_renormalization(args.sam_variant, args.sam_renormalize)
+            if renormalize:
+                F.rescale_(ascent_grads, gamma)  # g_asc ← γ·g_asc
+            _give_back_grads(params, stash)  # + earlier micro-batches
+            if not args.sam_sync_ascent and self.accelerator.sync_gradients and _is_ddp(model):
+                self._all_reduce_grads(params)
+            skipped = rescale_skipped if renormalize and perturb else torch.tensor(not perturb)
+            self._record(grad_norm * grad_unscale, ascent_grad_norm * grad_unscale, gamma, ascent_loss, skipped, k)
+        return loss
+
+    # -------------------------------------------------------------------------------------- helpers
+
+    def _trainable_params(self) -> list[nn.Parameter]:
+        """The parameters the optimizer updates and that require a gradient, each once (cached)."""
+        optimizer = self.optimizer
+        if self._sam_param_cache is None or self._sam_param_cache[0] is not optimizer:
+            seen: set[int] = set()
+            params = []
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    if p.requires_grad and id(p) not in seen:
+                        seen.add(id(p))
+                        params.append(p)
+            self._sam_param_cache = (optimizer, params)
+            self._sam_backup = None
+        return self._sam_param_cache[1]
+
+    def _backup_buffers(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Buffers for the saved weights, allocated once and reused (re-made if the set of params changes)."""
+        backup = self._sam_backup
+        if backup is None or len(backup) != len(params) or any(b.shape != p.shape for b, p in zip(backup, params)):
+            backup = self._sam_backup = [torch.empty_like(p) for p in params]
+        return backup
+
+    def _batchnorm_layers(self, model: nn.Module) -> list[nn.Module]:
+        if self._sam_bn_cache is None or self._sam_bn_cache[0] is not model:
+            self._sam_bn_cache = (model, batchnorm_modules(model))
+        return self._sam_bn_cache[1]
+
+    def _loss_scale(self) -> float:
+        """The fp16 loss scale currently multiplying the gradients (1 without a scaler)."""
+        scaler = getattr(self.accelerator, "scaler", None)
+        if scaler is None or not scaler.is_enabled():
+            return 1.0
+        return float(scaler.get_scale())
+
+    @contextlib.contextmanager
+    def _pass_sync_context(self, model: nn.Module) -> Iterator[None]:
+        """DDP gradient sync for one pass: off for a local ascent, forced on for a synchronized one."""
+        if not _is_ddp(model):
+            yield
+        elif not self.args.sam_sync_ascent:
+            with self.accelerator.no_sync(model):  # forward and backward: DDP decides at forward time
+                yield
+        else:
+            previous = model.require_backward_grad_sync
+            model.require_backward_grad_sync = True  # all-reduce this pass even between accumulation boundaries
+            try:
+                yield
+            finally:
+                model.require_backward_grad_sync = previous
+
+    def _all_reduce_grads(self, params: list[nn.Parameter]) -> None:
+        """Local-ascent mode: average the accumulated SAM gradient over replicas, one flat all-reduce per dtype."""
+        by_dtype: dict[torch.dtype, list[nn.Parameter]] = {}
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            by_dtype.setdefault(p.grad.dtype, []).append(p)
+        for group in by_dtype.values():
+            grads = [p.grad for p in group]
+            flat = torch._utils._flatten_dense_tensors(grads)
+            flat = self.accelerator.reduce(flat, reduction="mean")
+            torch._foreach_copy_(grads, torch._utils._unflatten_dense_tensors(flat, grads))
+
+    def _record(self, grad_norm, ascent_grad_norm, gamma, ascent_loss, skipped, k: int) -> None:
+        row = torch.stack(
+            [
+                grad_norm.float(),
+                ascent_grad_norm.float(),
+                gamma.float(),
+                ascent_loss.detach().float().to(grad_norm.device),
+                skipped.float().to(grad_norm.device),
+                torch.ones((), device=grad_norm.device),
+                torch.full((), 1.0 / k, device=grad_norm.device),
+            ]
+        )
+        self._sam_metrics = row if self._sam_metrics is None else self._sam_metrics + row.to(self._sam_metrics.device)
+
+    def sam_metrics(self) -> dict[str, float]:
+        """The SAM metrics accumulated since the last training log, averaged over processes (and reset)."""
+        sums = self._sam_metrics
+        if sums is None:
+            return {}
+        self._sam_metrics = None
+        sums = self.accelerator.reduce(sums.to(self.args.device), reduction="mean")
+        n, steps = sums[_MICRO_BATCHES].item(), sums[_STEPS].item()
+        return {
+            "sam/grad_norm": sums[_GRAD_NORM].item() / n,
+            "sam/ascent_grad_norm": sums[_ASCENT_GRAD_NORM].item() / n,
+            "sam/gamma": sums[_GAMMA].item() / n,
+            "sam/ascent_loss": sums[_ASCENT_LOSS].item() / steps,
+            "sam/skipped": sums[_SKIPPED].item() * self.accelerator.num_processes,
+        }
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        """Add the SAM metrics to every training log (the ones carrying `loss`)."""
+        if "loss" in logs and self.args.sam_enabled:
+            logs.update(self.sam_metrics())
+        super().log(logs, *args, **kwargs)
+
+
+def _is_ddp(model: nn.Module) -> bool:
+    return isinstance(model, nn.parallel.DistributedDataParallel)
+
+
+def _shallow_copy(inputs: Any) -> Any:
+    """A fresh mapping per pass, so a `compute_loss` that pops keys (e.g. `labels`) cannot starve the other."""
+    return type(inputs)(inputs) if isinstance(inputs, dict) else inputs
+
+
+def _take_grads(params: list[nn.Parameter]) -> list[torch.Tensor | None] | None:
+    """Move the accumulated `.grad` tensors out of the parameters (no copy); None if there are none."""
+    if all(p.grad is None for p in params):
+        return None
+    stash = [p.grad for p in params]
+    for p in params:
+        p.grad = None
+    return stash
+
+
+def _give_back_grads(params: list[nn.Parameter], stash: list[torch.Tensor | None] | None) -> None:
+    """`.grad ← .grad + stash` (the stash tensor is reused where the pass left no gradient)."""
+    if stash is None:
+        return
+    targets, extra = [], []
+    for p, s in zip(params, stash):
+        if s is None:
+            continue
+        if p.grad is None:
+            p.grad = s
+        else:
+            targets.append(p.grad)
+            extra.append(s)
+    if targets:
+        torch._foreach_add_(targets, extra)
