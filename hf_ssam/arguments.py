@@ -102,8 +102,10 @@ class SSAMTrainingArguments(TrainingArguments):
     )
     sam_replay_rng: bool = field(
         default=True,
-        metadata={"help": "Replay the RNG in the second pass so both passes see the same dropout masks.",
-                  "choices": [True, False]},
+        metadata={
+            "help": "Replay the RNG in the second pass so both passes see the same dropout masks.",
+            "choices": [True, False],
+        },
     )
 
     def __post_init__(self) -> None:
@@ -113,8 +115,8 @@ class SSAMTrainingArguments(TrainingArguments):
             raise ValueError(f"sam_interval={self.sam_interval!r} is invalid; it must be an integer >= 1.")
         if self.deepspeed and self.sam_variant != NO_SAM:
             raise ValueError(
-                f"deepspeed={self.deepspeed!r} is not supported with sam_variant={self.sam_variant!r}: DeepSpeed steps "
-                "its engine inside backward(), which breaks the two-pass step. Supported: single process, DDP "
+                f"deepspeed={self.deepspeed!r} is not supported with sam_variant={self.sam_variant!r}: DeepSpeed "
+                "steps its engine inside backward(), which breaks the two-pass step. Supported: single process, DDP "
                 "(accelerate launch / torchrun). Use sam_variant='none' to train with DeepSpeed without SAM."
             )
         if self.fsdp and self.sam_variant != NO_SAM:

@@ -54,8 +54,10 @@ class SSAMOptimizer(torch.optim.Optimizer):
     ) -> None:
         check_sam_config(variant, rho, renormalize, asam_eta, prefix="")
         if variant == NO_SAM:
-            raise ValueError(f"variant={variant!r} is not supported by SSAMOptimizer; choose one of {list(F.VARIANTS)} "
-                             "(use the base optimizer itself for plain training).")
+            raise ValueError(
+                f"variant={variant!r} is not supported by SSAMOptimizer; choose one of {list(F.VARIANTS)} "
+                "(use the base optimizer itself for plain training)."
+            )
         if not (isinstance(base_optimizer_cls, type) and issubclass(base_optimizer_cls, torch.optim.Optimizer)):
             raise ValueError(f"base_optimizer_cls={base_optimizer_cls!r} is not a torch.optim.Optimizer subclass.")
         defaults = dict(variant=variant, rho=rho, renormalize=renormalize, asam_eta=asam_eta, **base_kwargs)
@@ -139,8 +141,10 @@ class SSAMOptimizer(torch.optim.Optimizer):
         so both passes see the same dropout masks. Returns the loss of the first call.
         """
         if closure is None:
-            raise ValueError("SSAMOptimizer.step needs closure=...: a function running forward + backward "
-                             "and returning the loss (or call first_step() / second_step() yourself).")
+            raise ValueError(
+                "SSAMOptimizer.step needs closure=...: a function running forward + backward "
+                "and returning the loss (or call first_step() / second_step() yourself)."
+            )
         rng = RNGState.capture()
         self.zero_grad()
         with torch.enable_grad():
