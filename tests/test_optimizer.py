@@ -1,0 +1,170 @@
+"""SSAMOptimizer: one step against the float64 hand computation, state dicts, schedulers, bad input."""
+
+import numpy as np
+import pytest
+import torch
+from _reference import data, grad, sam_gradient
+from torch import nn
+
+from hf_ssam import VARIANTS, SSAMOptimizer
+
+LR = 0.1
+
+
+class LinReg(nn.Module):
+    def __init__(self, theta):
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor(theta[:-1]))
+        self.b = nn.Parameter(torch.tensor(theta[-1:]))
+
+    def forward(self, x):
+        return x @ self.w + self.b
+
+
+def _loss(model, x, y):
+    return ((model(x) - y) ** 2).mean()
+
+
+def _theta(model):
+    return np.concatenate([model.w.detach().numpy(), model.b.detach().numpy()])
+
+
+VARIANT_RENORM = [(v, None) for v in VARIANTS] + [(v, True) for v in ("sam", "usam", "asam")]
+
+
+@pytest.mark.parametrize("variant, renormalize", VARIANT_RENORM)
+@pytest.mark.parametrize("api", ["two_steps", "closure"])
+def test_one_step_matches_hand_computation(variant, renormalize, api):
+    theta, x, y = data()
+    model = LinReg(theta)
+    xt, yt = torch.tensor(x), torch.tensor(y)
+    opt = SSAMOptimizer(model.parameters(), torch.optim.SGD, variant=variant, rho=0.2, renormalize=renormalize, lr=LR)
+    if api == "two_steps":
+        _loss(model, xt, yt).backward()
+        opt.first_step(zero_grad=True)
+        _loss(model, xt, yt).backward()
+        opt.second_step(zero_grad=True)
+    else:
+
+        def closure():
+            loss = _loss(model, xt, yt)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+    g_sam, (g_norm, g_asc_norm, gamma, _) = sam_gradient(variant, theta, x, y, 0.2, renormalize)
+    np.testing.assert_allclose(_theta(model), theta - LR * g_sam, rtol=0, atol=1e-10)
+    assert opt.last_metrics["grad_norm"] == pytest.approx(g_norm, abs=1e-10)
+    assert opt.last_metrics["ascent_grad_norm"] == pytest.approx(g_asc_norm, abs=1e-10)
+    assert opt.last_metrics["gamma"] == pytest.approx(gamma, abs=1e-10)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_rho_zero_is_the_base_optimizer(variant):
+    theta, x, y = data()
+    xt, yt = torch.tensor(x), torch.tensor(y)
+    a, b = LinReg(theta), LinReg(theta)
+    opt_a = SSAMOptimizer(a.parameters(), torch.optim.SGD, variant=variant, rho=0.0, lr=LR, momentum=0.9)
+    opt_b = torch.optim.SGD(b.parameters(), lr=LR, momentum=0.9)
+    for _ in range(3):
+        opt_a.step(lambda: _loss(a, xt, yt).backward())
+        opt_b.zero_grad()
+        _loss(b, xt, yt).backward()
+        opt_b.step()
+    assert torch.equal(a.w, b.w) and torch.equal(a.b, b.b)
+
+
+def test_frozen_parameters_are_never_perturbed():
+    theta, x, y = data()
+    model = LinReg(theta)
+    model.b.requires_grad_(False)
+    xt, yt = torch.tensor(x), torch.tensor(y)
+    opt = SSAMOptimizer(model.parameters(), torch.optim.SGD, variant="sam", rho=0.5, lr=LR)
+    b0 = model.b.detach().clone()
+    _loss(model, xt, yt).backward()
+    opt.first_step(zero_grad=True)
+    assert torch.equal(model.b, b0)  # even transiently, at w + e
+    _loss(model, xt, yt).backward()
+    opt.second_step()
+    assert torch.equal(model.b, b0)
+
+
+def test_zero_gradient_skips_the_perturbation_without_nan():
+    model = LinReg(np.zeros(4))
+    x = torch.zeros(4, 3, dtype=torch.float64)
+    y = torch.zeros(4, dtype=torch.float64)
+    opt = SSAMOptimizer(model.parameters(), torch.optim.SGD, variant="ssam", rho=0.5, lr=LR)
+    opt.step(lambda: _loss(model, x, y).backward())
+    assert torch.isfinite(model.w).all() and opt.last_metrics["skipped"] == 1.0
+
+
+def test_state_dict_round_trip_and_scheduler():
+    theta, x, y = data()
+    xt, yt = torch.tensor(x), torch.tensor(y)
+
+    def run(n_steps, resume_from=None):
+        model = LinReg(theta)
+        opt = SSAMOptimizer(model.parameters(), torch.optim.AdamW, variant="ssam", rho=0.1, lr=0.05)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+        if resume_from is not None:
+            model.load_state_dict(resume_from[0])
+            opt.load_state_dict(resume_from[1])
+            sched.load_state_dict(resume_from[2])
+        for _ in range(n_steps):
+            opt.step(lambda: _loss(model, xt, yt).backward())
+            sched.step()
+        return model, opt, sched
+
+    straight, _, _ = run(4)
+    half, opt, sched = run(2)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.05 / 4)  # the scheduler drives the base optimizer
+    assert opt.base_optimizer.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+    sd = opt.state_dict()
+    assert sd["state"][0]["exp_avg"].shape == (3,)  # Adam moments are in the checkpoint
+    assert sd["param_groups"][0]["rho"] == 0.1
+    resumed, _, _ = run(2, resume_from=(half.state_dict(), sd, sched.state_dict()))
+    torch.testing.assert_close(resumed.w, straight.w, rtol=0, atol=1e-12)
+
+
+def test_dropout_masks_are_replayed_in_step():
+    model = nn.Sequential(nn.Linear(6, 6), nn.Dropout(0.5), nn.Linear(6, 1))
+    masks = []
+    model[1].register_forward_hook(lambda m, i, o: masks.append((o == 0).clone()))
+    opt = SSAMOptimizer(model.parameters(), torch.optim.SGD, variant="ssam", rho=0.05, lr=0.1)
+    x = torch.randn(16, 6)
+    opt.step(lambda: model(x).pow(2).mean().backward())
+    assert len(masks) == 2 and torch.equal(masks[0], masks[1])
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(variant="bogus"), r"variant='bogus'.*\['ssam', 'sam', 'usam', 'asam', 'none'\]"),
+        (dict(variant="none"), r"variant='none'"),
+        (dict(rho=-0.1), r"rho=-0.1.*>= 0"),
+        (dict(variant="ssam", renormalize=False), r"renormalize=False.*ssam"),
+        (dict(asam_eta=-1.0), r"asam_eta=-1.0.*>= 0"),
+    ],
+)
+def test_bad_input_is_refused_at_construction(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SSAMOptimizer([nn.Parameter(torch.zeros(2))], torch.optim.SGD, lr=0.1, **kwargs)
+
+
+def test_first_step_then_second_step_restores_exactly_in_bf16():
+    w = nn.Parameter(torch.randn(257, dtype=torch.bfloat16))
+    w0 = w.detach().clone()
+    opt = SSAMOptimizer([w], torch.optim.SGD, variant="sam", rho=0.3, lr=0.0)
+    w.grad = torch.randn_like(w)
+    opt.first_step()
+    assert not torch.equal(w, w0)
+    w.grad = torch.randn_like(w)
+    opt.second_step()
+    assert torch.equal(w, w0)
+
+
+def test_hand_gradient_agrees_with_autograd():  # guards the reference itself
+    theta, x, y = data()
+    model = LinReg(theta)
+    _loss(model, torch.tensor(x), torch.tensor(y)).backward()
+    np.testing.assert_allclose(np.concatenate([model.w.grad.numpy(), model.b.grad.numpy()]), grad(theta, x, y))
