@@ -92,8 +92,7 @@ class SSAMTrainingArguments(TrainingArguments):
         default=False,
         metadata={
             "help": "Multi-process: all-reduce the ascent gradient (global-batch perturbation) instead of "
-            "perturbing each replica with its local gradient.",
-            "choices": [True, False],
+            "perturbing each replica with its local gradient."
         },
     )
     sam_interval: int = field(
@@ -102,23 +101,21 @@ class SSAMTrainingArguments(TrainingArguments):
     )
     sam_replay_rng: bool = field(
         default=True,
-        metadata={
-            "help": "Replay the RNG in the second pass so both passes see the same dropout masks.",
-            "choices": [True, False],
-        },
+        metadata={"help": "Replay the RNG in the second pass so both passes see the same dropout masks."},
     )
 
     def __post_init__(self) -> None:
-        super().__post_init__()
-        check_sam_config(self.sam_variant, self.sam_rho, self.sam_renormalize, self.sam_asam_eta)
-        if isinstance(self.sam_interval, bool) or not isinstance(self.sam_interval, int) or self.sam_interval < 1:
-            raise ValueError(f"sam_interval={self.sam_interval!r} is invalid; it must be an integer >= 1.")
+        # DeepSpeed first: TrainingArguments would otherwise fail on a missing `deepspeed` package before this check.
         if self.deepspeed and self.sam_variant != NO_SAM:
             raise ValueError(
                 f"deepspeed={self.deepspeed!r} is not supported with sam_variant={self.sam_variant!r}: DeepSpeed "
                 "steps its engine inside backward(), which breaks the two-pass step. Supported: single process, DDP "
                 "(accelerate launch / torchrun). Use sam_variant='none' to train with DeepSpeed without SAM."
             )
+        super().__post_init__()
+        check_sam_config(self.sam_variant, self.sam_rho, self.sam_renormalize, self.sam_asam_eta)
+        if isinstance(self.sam_interval, bool) or not isinstance(self.sam_interval, int) or self.sam_interval < 1:
+            raise ValueError(f"sam_interval={self.sam_interval!r} is invalid; it must be an integer >= 1.")
         if self.fsdp and self.sam_variant != NO_SAM:
             raise ValueError(
                 f"fsdp={self.fsdp!r} is not supported with sam_variant={self.sam_variant!r}: the two-pass step is "

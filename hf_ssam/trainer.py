@@ -206,18 +206,20 @@ class SSAMTrainer(Trainer):
             torch._foreach_copy_(grads, torch._utils._unflatten_dense_tensors(flat, grads))
 
     def _record(self, grad_norm, ascent_grad_norm, gamma, ascent_loss, skipped, k: int) -> None:
+        device = grad_norm.device
+        dtype = torch.float32 if device.type == "mps" else torch.float64  # float64: exact logs for small norms
         row = torch.stack(
             [
-                grad_norm.float(),
-                ascent_grad_norm.float(),
-                gamma.float(),
-                ascent_loss.detach().float().to(grad_norm.device),
-                skipped.float().to(grad_norm.device),
-                torch.ones((), device=grad_norm.device),
-                torch.full((), 1.0 / k, device=grad_norm.device),
+                grad_norm.to(dtype),
+                ascent_grad_norm.to(dtype),
+                gamma.to(device, dtype),
+                ascent_loss.detach().to(device, dtype),
+                skipped.to(device, dtype),
+                torch.ones((), device=device, dtype=dtype),
+                torch.full((), 1.0 / k, device=device, dtype=dtype),
             ]
         )
-        self._sam_metrics = row if self._sam_metrics is None else self._sam_metrics + row.to(self._sam_metrics.device)
+        self._sam_metrics = row if self._sam_metrics is None else self._sam_metrics + row
 
     def sam_metrics(self) -> dict[str, float]:
         """The SAM metrics accumulated since the last training log, averaged over processes (and reset)."""

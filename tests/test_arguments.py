@@ -1,0 +1,88 @@
+"""SSAMTrainingArguments: parsing from the command line and YAML, validation, promotion."""
+
+import dataclasses
+
+import pytest
+from transformers import HfArgumentParser, TrainingArguments
+
+from hf_ssam import SSAMTrainingArguments
+
+
+def _args(**kw):
+    return SSAMTrainingArguments(output_dir="out", report_to="none", use_cpu=True, **kw)
+
+
+def test_defaults():
+    args = _args()
+    assert (args.sam_variant, args.sam_rho, args.sam_renormalize, args.sam_asam_eta) == ("ssam", 0.05, None, 0.01)
+    assert (args.sam_sync_ascent, args.sam_interval, args.sam_replay_rng) == (False, 1, True)
+
+
+def test_every_sam_field_is_prefixed_and_has_help():
+    own = [f for f in dataclasses.fields(SSAMTrainingArguments) if f.name not in TrainingArguments.__dataclass_fields__]
+    assert own and all(f.name.startswith("sam_") for f in own)
+    assert all(f.metadata.get("help") for f in own)
+    for f in own:
+        assert f"{f.name} (`" in SSAMTrainingArguments.__doc__, f"{f.name} is not documented in the docstring"
+
+
+def test_command_line():
+    parser = HfArgumentParser(SSAMTrainingArguments)
+    (args,) = parser.parse_args_into_dataclasses(
+        ["--output_dir", "o", "--sam_variant", "asam", "--sam_rho", "0.5", "--sam_renormalize", "true",
+         "--sam_asam_eta", "0.1", "--sam_sync_ascent", "--sam_interval", "3", "--sam_replay_rng", "false",
+         "--report_to", "none", "--use_cpu"]
+    )  # fmt: skip
+    assert args.sam_variant == "asam" and args.sam_rho == 0.5 and args.sam_renormalize is True
+    assert args.sam_asam_eta == 0.1 and args.sam_sync_ascent is True and args.sam_interval == 3
+    assert args.sam_replay_rng is False
+
+
+def test_command_line_rejects_unknown_variant(capsys):
+    parser = HfArgumentParser(SSAMTrainingArguments)
+    with pytest.raises(SystemExit):
+        parser.parse_args_into_dataclasses(["--output_dir", "o", "--sam_variant", "adam"])
+    assert "sam_variant" in capsys.readouterr().err
+
+
+def test_yaml(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("output_dir: o\nreport_to: none\nuse_cpu: true\nsam_variant: sam\nsam_rho: 0.2\n"
+                   "sam_renormalize: true\nsam_interval: 2\n")  # fmt: skip
+    (args,) = HfArgumentParser(SSAMTrainingArguments).parse_yaml_file(str(cfg))
+    assert (args.sam_variant, args.sam_rho, args.sam_renormalize, args.sam_interval) == ("sam", 0.2, True, 2)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(sam_variant="adam"), r"sam_variant='adam'.*\['ssam', 'sam', 'usam', 'asam', 'none'\]"),
+        (dict(sam_rho=-0.01), r"sam_rho=-0.01.*>= 0"),
+        (dict(sam_rho=float("nan")), r"sam_rho=nan"),
+        (dict(sam_variant="ssam", sam_renormalize=False), r"sam_renormalize=False.*sam_variant='ssam'"),
+        (dict(sam_asam_eta=-1.0), r"sam_asam_eta=-1.0.*>= 0"),
+        (dict(sam_interval=0), r"sam_interval=0.*>= 1"),
+        (dict(deepspeed={"train_batch_size": 8}), r"deepspeed=.*not supported.*Supported: single process, DDP"),
+        (dict(fsdp="full_shard"), r"fsdp=.*not supported.*Supported: single process, DDP"),
+    ],
+)
+def test_bad_input_raises_value_error_naming_field_value_and_choices(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        _args(**kwargs)
+
+
+def test_renormalize_false_is_fine_for_other_variants():
+    assert _args(sam_variant="usam", sam_renormalize=False).sam_renormalize is False
+
+
+def test_deepspeed_and_fsdp_are_allowed_without_sam():
+    assert _args(sam_variant="none", fsdp="").sam_enabled is False
+
+
+def test_promotion_keeps_every_training_argument():
+    plain = TrainingArguments(output_dir="o", learning_rate=0.123, gradient_accumulation_steps=3, report_to="none",
+                              use_cpu=True, lr_scheduler_type="cosine", warmup_steps=7)  # fmt: skip
+    promoted = SSAMTrainingArguments.from_training_arguments(plain, sam_rho=0.3)
+    assert promoted.learning_rate == 0.123 and promoted.gradient_accumulation_steps == 3
+    assert promoted.lr_scheduler_type == plain.lr_scheduler_type and promoted.warmup_steps == 7
+    assert promoted.sam_rho == 0.3 and promoted.sam_variant == "ssam"
