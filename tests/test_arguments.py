@@ -19,7 +19,8 @@ def test_defaults():
 
 
 def test_every_sam_field_is_prefixed_and_has_help():
-    own = [f for f in dataclasses.fields(SSAMTrainingArguments) if f.name not in TrainingArguments.__dataclass_fields__]
+    base = TrainingArguments.__dataclass_fields__
+    own = [f for f in dataclasses.fields(SSAMTrainingArguments) if f.name not in base]
     assert own and all(f.name.startswith("sam_") for f in own)
     assert all(f.metadata.get("help") for f in own)
     for f in own:

@@ -200,8 +200,8 @@ def test_gradient_accumulation_averages_per_micro_batch_sam_gradients(tmp_path, 
     assert log["sam/gamma"] == pytest.approx(np.mean([m[2] for _, m in per_micro]), abs=1e-10)
     assert log["sam/ascent_loss"] == pytest.approx(np.mean([m[3] for _, m in per_micro]), abs=1e-10)
     # the reported loss is the plain Trainer's (kept in float32 by the Trainer): the mean loss at w
-    assert log["loss"] == pytest.approx(np.mean([np.mean((x[i * b:(i + 1) * b] @ theta[:-1] + theta[-1]
-                                                          - y[i * b:(i + 1) * b]) ** 2) for i in range(k)]), abs=1e-6)  # fmt: skip
+    residuals = [x[i * b : (i + 1) * b] @ theta[:-1] + theta[-1] - y[i * b : (i + 1) * b] for i in range(k)]
+    assert log["loss"] == pytest.approx(np.mean([np.mean(r**2) for r in residuals]), abs=1e-6)
 
 
 def _tiny_gpt2():
@@ -508,8 +508,8 @@ def test_torch_compile(tmp_path):
 
 def test_plain_training_arguments_are_promoted(tmp_path):
     theta, x, y = data(n=8)
-    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, max_steps=1,
-                             per_device_train_batch_size=8, learning_rate=LR, save_strategy="no", logging_steps=1)  # fmt: skip
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, max_steps=1, logging_steps=1,
+                             per_device_train_batch_size=8, learning_rate=LR, save_strategy="no")  # fmt: skip
     trainer = SSAMTrainer(model=LinReg(theta), args=args, train_dataset=Pairs(x, y))
     assert isinstance(trainer.args, SSAMTrainingArguments)
     assert trainer.args.sam_variant == "ssam" and trainer.args.sam_rho == 0.05

@@ -11,16 +11,20 @@ model = nn.Sequential(nn.Linear(20, 64), nn.GELU(), nn.Dropout(0.1), nn.Linear(6
 loss_fn = nn.CrossEntropyLoss()
 optimizer = SSAMOptimizer(model.parameters(), torch.optim.AdamW, variant="ssam", rho=0.05, lr=1e-3, weight_decay=0.05)
 
-for step in range(20):
-    batch = torch.randint(0, 256, (32,))
 
+def make_closure(inputs: torch.Tensor, targets: torch.Tensor):
     def closure() -> torch.Tensor:
-        loss = loss_fn(model(x[batch]), y[batch])
+        loss = loss_fn(model(inputs), targets)
         loss.backward()
         return loss
 
-    # Zeroes the gradients, calls closure() at w and at w + e (replaying the RNG, so the
+    return closure
+
+
+for _ in range(20):
+    batch = torch.randint(0, 256, (32,))
+    # Zeroes the gradients, calls the closure at w and at w + e (replaying the RNG, so the
     # dropout masks match), renormalizes and steps the base optimizer. Returns the loss at w.
-    loss = optimizer.step(closure)
+    loss = optimizer.step(make_closure(x[batch], y[batch]))
 
 print(f"final loss {loss.item():.3f}, γ {optimizer.last_metrics['gamma']:.3f}")
