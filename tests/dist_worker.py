@@ -115,9 +115,10 @@ def run(out: str, spec: dict) -> None:
     trainer.train()
     flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
     logs = [{k: v for k, v in h.items() if k.startswith("sam/") or k == "loss"} for h in trainer.state.log_history]
     torch.save(
-        {"weights": flat, "logs": logs, "allreduce": counter.per_step, "world_size": trainer.accelerator.num_processes},
+        {"weights": flat, "logs": logs, "allreduce": counter.per_step, "world_size": world},
         os.path.join(out, f"{spec['name']}.rank{rank}.pt"),
     )
 
