@@ -2,6 +2,7 @@
 
 import timm
 import torch
+from timm.optim import param_groups_weight_decay
 from torch import nn
 
 from hf_ssam import RNGState, SSAMOptimizer, freeze_batchnorm_stats
@@ -10,9 +11,9 @@ torch.manual_seed(0)
 model = timm.create_model("resnet10t", pretrained=False, num_classes=10)  # any timm model
 images, labels = torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))
 loss_fn = nn.CrossEntropyLoss(label_smoothing=0.1)
-optimizer = SSAMOptimizer(
-    model.parameters(), torch.optim.SGD, variant="ssam", rho=0.05, lr=0.05, momentum=0.9, weight_decay=1e-4
-)
+# timm's parameter groups (no weight decay on biases and norm layers) work as with any optimizer.
+groups = param_groups_weight_decay(model, weight_decay=1e-4)
+optimizer = SSAMOptimizer(groups, torch.optim.SGD, variant="ssam", rho=0.05, lr=0.05, momentum=0.9)
 device_type = "cuda" if torch.cuda.is_available() else "cpu"
 model.to(device_type).train()
 
