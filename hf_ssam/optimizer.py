@@ -64,7 +64,8 @@ class SSAMOptimizer(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.base_optimizer = base_optimizer_cls(self.param_groups, **base_kwargs)
         self._link_base()
-        self._backup: dict[Tensor, Tensor] = {}
+        self._backup: dict[Tensor, Tensor] = {}  # saved w, one buffer per parameter, reused every step
+        self._perturbed: list[Tensor] = []
         self._grad_norm: Tensor | None = None
         self.last_metrics: dict[str, float] = {}
 
@@ -73,6 +74,12 @@ class SSAMOptimizer(torch.optim.Optimizer):
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
         self.defaults.update(self.base_optimizer.defaults)
+
+    def _backup_buffer(self, p: Tensor) -> Tensor:
+        buf = self._backup.get(p)
+        if buf is None or buf.shape != p.shape or buf.dtype != p.dtype:
+            buf = self._backup[p] = torch.empty_like(p)
+        return buf
 
     def _params_with_grad(self, group: dict[str, Any]) -> list[Tensor]:
         return [p for p in group["params"] if p.grad is not None]
@@ -83,7 +90,7 @@ class SSAMOptimizer(torch.optim.Optimizer):
         groups = [(g, self._params_with_grad(g)) for g in self.param_groups]
         all_grads = [p.grad for _, ps in groups for p in ps]
         self._grad_norm = grad_norm = F.global_norm(all_grads)  # ‖g‖
-        self._backup.clear()
+        self._perturbed.clear()
         if not bool(torch.isfinite(grad_norm) & (grad_norm > 0)):
             self._skipped = True  # zero or non-finite ‖g‖: no perturbation this step
         else:
@@ -97,8 +104,9 @@ class SSAMOptimizer(torch.optim.Optimizer):
                 scale = F.perturbation_scale(
                     group["variant"], group["rho"], grad_norm, params=all_ps, grads=all_gs, asam_eta=group["asam_eta"]
                 )
-                backup = [p.detach().clone() for p in ps]  # save w
-                self._backup.update(zip(ps, backup))
+                backup = [self._backup_buffer(p) for p in ps]
+                torch._foreach_copy_(backup, ps)  # save w
+                self._perturbed.extend(ps)
                 F.ascend(ps, grads, scale.to(ps[0].device), variant=group["variant"], asam_eta=group["asam_eta"])
         if zero_grad:
             self.zero_grad()
@@ -108,10 +116,9 @@ class SSAMOptimizer(torch.optim.Optimizer):
         """Restore `w` exactly, rescale `g_asc` (if renormalizing) and let the base optimizer step."""
         if self._grad_norm is None:
             raise RuntimeError("second_step() called before first_step().")
-        if self._backup:
-            params = list(self._backup)
-            F.restore_(params, list(self._backup.values()))  # w, exactly
-            self._backup.clear()
+        if self._perturbed:
+            F.restore_(self._perturbed, [self._backup[p] for p in self._perturbed])  # w, exactly
+            self._perturbed.clear()
         ascent_grads = [p.grad for g in self.param_groups for p in self._params_with_grad(g)]
         ascent_grad_norm = F.global_norm(ascent_grads)  # ‖g_asc‖
         gamma, rescale_skipped = F.renormalization_factor(self._grad_norm, ascent_grad_norm)  # γ = ‖g‖/‖g_asc‖
