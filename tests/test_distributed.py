@@ -96,3 +96,16 @@ def test_accumulation_local_mode_reduces_once_per_optimizer_step(results):
     counts = _per_step(results, "ssam-ga2-local")
     assert counts["ddp_buckets"] == [0] and counts["explicit_tensor"] == [1]
     assert _per_step(results, "ssam-ga2-sync")["ddp_buckets"] == [4]  # 2 passes × 2 micro-batches
+
+
+def test_accelerate_launch_starts_two_processes_on_cpu(tmp_path):
+    """The documented CPU command: `accelerate launch --multi_gpu --num_processes 2 ...` really runs two."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    run = {"name": "accel", "variant": "ssam", "batch": 4, "steps": 5}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(WORKER),
+           "--out", str(tmp_path), "--runs", json.dumps([run]), "--expect_world_size", "2"]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r0, r1 = (torch.load(tmp_path / f"accel.rank{r}.pt") for r in (0, 1))
+    assert r0["world_size"] == 2 and torch.equal(r0["weights"], r1["weights"])
