@@ -1,0 +1,136 @@
+"""Shared helpers for the benchmark scripts under ``bench/``: environment, output folders, CSV, plots.
+
+Import this module before ``torch`` (the scripts do): it pins the offline, single-threaded environment
+the numbers in ``docs/benchmarks.md`` were measured in, unless the caller already set those variables.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import platform
+import sys
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+for _key, _value in {
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "MPLBACKEND": "Agg",
+    "TRANSFORMERS_VERBOSITY": "error",
+}.items():
+    os.environ.setdefault(_key, _value)
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BENCH_DIR.parent
+if str(REPO_ROOT) not in sys.path:  # `python bench/x.py` from a checkout without `pip install -e .`
+    sys.path.insert(0, str(REPO_ROOT))
+
+__all__ = [
+    "BENCH_DIR",
+    "REPO_ROOT",
+    "Stopwatch",
+    "default_out",
+    "environment",
+    "format_table",
+    "log_space",
+    "print_lines",
+    "savefig",
+    "verdict",
+    "write_csv",
+]
+
+
+def default_out(name: str) -> Path:
+    """The default output folder of a benchmark: ``outputs/bench/<name>/`` under the current directory."""
+    return Path("outputs") / "bench" / name
+
+
+def write_csv(path: Path, rows: Sequence[Mapping[str, Any]], fields: Sequence[str] | None = None) -> Path:
+    """Write ``rows`` (dicts) to ``path`` with a header; floats keep 6 significant digits."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fields = list(fields) if fields is not None else list(dict.fromkeys(k for row in rows for k in row))
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items() if k in fields})
+    return path
+
+
+def savefig(fig: Any, path: Path, dpi: int = 90) -> Path:
+    """Save a matplotlib figure as a small PNG and close it."""
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], floatfmt: str = ".3g") -> str:
+    """A GitHub-flavoured markdown table of ``rows`` restricted to ``columns``."""
+
+    def cell(value: Any) -> str:
+        if isinstance(value, float):
+            return format(value, floatfmt)
+        return "" if value is None else str(value)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def verdict(ok: bool, claim: str) -> str:
+    """A claim line: ``HOLDS: <claim>`` or ``DOES NOT HOLD: <claim>``."""
+    return f"{'HOLDS' if ok else 'DOES NOT HOLD'}: {claim}"
+
+
+def environment() -> dict[str, str]:
+    """Versions and machine facts worth printing next to measured numbers."""
+    import torch
+
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "threads": str(torch.get_num_threads()),
+        "cpu_count": str(os.cpu_count()),
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu",
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    for name in ("transformers", "accelerate", "timm"):
+        module = sys.modules.get(name)
+        if module is not None:
+            info[name] = getattr(module, "__version__", "?")
+    return info
+
+
+class Stopwatch:
+    """``with Stopwatch() as sw: ...; sw.seconds`` — wall time of a block."""
+
+    def __enter__(self) -> Stopwatch:
+        self.start = time.perf_counter()
+        self.seconds = 0.0
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds = time.perf_counter() - self.start
+
+
+def log_space(start: float, stop: float, num: int) -> list[float]:
+    """``num`` log-spaced values from ``start`` to ``stop`` (both included)."""
+    if num == 1:
+        return [start]
+    ratio = (stop / start) ** (1.0 / (num - 1))
+    return [start * ratio**i for i in range(num)]
+
+
+def print_lines(lines: Iterable[str]) -> None:
+    for line in lines:
+        print(line, flush=True)
