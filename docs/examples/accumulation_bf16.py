@@ -10,7 +10,7 @@ config = ResNetConfig(embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], n
 model = ResNetForImageClassification(config)  # BatchNorm in every block
 gen = torch.Generator().manual_seed(0)
 data = Dataset.from_dict(
-    {"pixel_values": torch.randn(48, 3, 32, 32, generator=gen).tolist(), "labels": [0, 1, 2, 3] * 12}
+    {"pixel_values": torch.randn(48, 3, 16, 16, generator=gen).tolist(), "labels": [0, 1, 2, 3] * 12}
 )
 
 args = SSAMTrainingArguments(
