@@ -536,3 +536,39 @@ def test_sam_interval_runs_two_passes_every_n_steps(tmp_path):
     Counting(model=model, args=args, train_dataset=Pairs(x.astype(np.float32), y.astype(np.float32))).train()
     per_step = [calls.count(s) for s in range(7)]
     assert per_step == [4, 2, 2, 4, 2, 2, 4]  # 2 micro-batches × (2 passes on SAM steps, 1 otherwise)
+
+
+def test_sam_interval_one_is_the_default_step(tmp_path):
+    _, x, y = data(n=16, d=4)
+    ds = Pairs(x.astype(np.float32), y.astype(np.float32))
+    weights = []
+    for extra in ({}, {"sam_interval": 1}):
+        model = DropoutNet()
+        args = _args(tmp_path, sam_variant="ssam", per_device_train_batch_size=4, max_steps=4, **extra)
+        SSAMTrainer(model=model, args=args, train_dataset=ds).train()
+        weights.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    assert torch.equal(weights[0], weights[1])
+
+
+def test_sam_interval_pattern_survives_resume(tmp_path):
+    _, x, y = data(n=32, d=4)
+    ds = Pairs(x.astype(np.float32), y.astype(np.float32))
+    calls = []
+
+    class Counting(SSAMTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            calls.append(self.state.global_step)
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def run(out, resume=None, save=False):
+        calls.clear()
+        model = DropoutNet()
+        args = _args(out, sam_variant="ssam", sam_interval=3, per_device_train_batch_size=4, max_steps=7,
+                     gradient_accumulation_steps=2, save_strategy="steps" if save else "no", save_steps=4)  # fmt: skip
+        Counting(model=model, args=args, train_dataset=ds).train(resume_from_checkpoint=resume)
+        return torch.cat([p.detach().reshape(-1) for p in model.parameters()]), list(calls)
+
+    straight, _ = run(tmp_path / "a", save=True)
+    resumed, resumed_calls = run(tmp_path / "b", resume=str(tmp_path / "a" / "checkpoint-4"))
+    assert [resumed_calls.count(s) for s in range(4, 7)] == [2, 2, 4]  # steps 4, 5 plain; step 6 two-pass
+    torch.testing.assert_close(resumed, straight, rtol=0, atol=1e-6)
