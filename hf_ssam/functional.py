@@ -88,18 +88,25 @@ def ascend(
     *,
     variant: str,
     asam_eta: float = 0.01,
+    overwrite_grads: bool = False,
 ) -> None:
-    """Climb in place: ``w ← w + e`` with ``e = scale·g`` (``scale·T²·g`` for ``asam``)."""
+    """Climb in place: ``w ← w + e`` with ``e = scale·g`` (``scale·T²·g`` for ``asam``).
+
+    With ``overwrite_grads=True`` the gradient tensors hold ``e`` afterwards (no temporary the size of
+    the model is allocated); use it when the gradients are discarded next, as before a second pass.
+    """
     if PERTURBATIONS[variant] == "asam":
         t = torch._foreach_abs(params)  # T = |w| + η
         torch._foreach_add_(t, asam_eta)
         torch._foreach_mul_(t, t)  # T²
         torch._foreach_mul_(t, grads)  # T²·g
-        torch._foreach_mul_(t, scale)  # e = ρ·T²g/‖Tg‖
-        torch._foreach_add_(params, t)  # w_asc = w + e
+        e = t
+    elif overwrite_grads:
+        e = list(grads)
     else:
-        e = torch._foreach_mul(grads, scale)  # e = s·g
-        torch._foreach_add_(params, e)  # w_asc = w + e
+        e = [g.clone() for g in grads] if len(grads) else []
+    torch._foreach_mul_(e, scale)  # e = s·g  (ρ·T²g/‖Tg‖ for asam)
+    torch._foreach_add_(params, e)  # w_asc = w + e
 
 
 def restore_(params: Sequence[Tensor], backup: Sequence[Tensor]) -> None:

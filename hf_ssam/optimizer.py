@@ -95,19 +95,27 @@ class SSAMOptimizer(torch.optim.Optimizer):
             self._skipped = True  # zero or non-finite ‖g‖: no perturbation this step
         else:
             self._skipped = False
-            for group, ps in groups:
+            everything = [p for _, ps in groups for p in ps]  # ASAM's ‖T·g‖ is global too
+            scales = [
+                F.perturbation_scale(
+                    group["variant"],
+                    group["rho"],
+                    grad_norm,
+                    params=everything,
+                    grads=all_grads,
+                    asam_eta=group["asam_eta"],
+                )
+                for group, _ in groups
+            ]  # all scales before any weight moves
+            for (group, ps), scale in zip(groups, scales):
                 if not ps:
                     continue
-                grads = [p.grad for p in ps]
-                all_ps = [p for _, qs in groups for p in qs] if group["variant"] == "asam" else ps
-                all_gs = [p.grad for p in all_ps]
-                scale = F.perturbation_scale(
-                    group["variant"], group["rho"], grad_norm, params=all_ps, grads=all_gs, asam_eta=group["asam_eta"]
-                )
                 backup = [self._backup_buffer(p) for p in ps]
                 torch._foreach_copy_(backup, ps)  # save w
                 self._perturbed.extend(ps)
-                F.ascend(ps, grads, scale.to(ps[0].device), variant=group["variant"], asam_eta=group["asam_eta"])
+                grads = [p.grad for p in ps]
+                variant, eta = group["variant"], group["asam_eta"]
+                F.ascend(ps, grads, scale.to(ps[0].device), variant=variant, asam_eta=eta, overwrite_grads=zero_grad)
         if zero_grad:
             self.zero_grad()
 

@@ -115,7 +115,9 @@ class SSAMTrainer(Trainer):
             if perturb:
                 backup = self._backup_buffers(with_grad)
                 torch._foreach_copy_(backup, with_grad)  # save w
-                F.ascend(with_grad, grads, scale, variant=args.sam_variant, asam_eta=args.sam_asam_eta)  # w + e
+                F.ascend(
+                    with_grad, grads, scale, variant=args.sam_variant, asam_eta=args.sam_asam_eta, overwrite_grads=True
+                )  # w + e
             torch._foreach_zero_(grads)  # reuse the buffers for g_asc
 
         if rng is not None:

@@ -168,3 +168,18 @@ def test_hand_gradient_agrees_with_autograd():  # guards the reference itself
     model = LinReg(theta)
     _loss(model, torch.tensor(x), torch.tensor(y)).backward()
     np.testing.assert_allclose(np.concatenate([model.w.grad.numpy(), model.b.grad.numpy()]), grad(theta, x, y))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_param_groups_share_global_norms(variant):
+    """Two groups (e.g. decay / no-decay) give the same step as one: norms are global over all parameters."""
+    theta, x, y = data()
+    xt, yt = torch.tensor(x), torch.tensor(y)
+    one, two = LinReg(theta), LinReg(theta)
+    opt1 = SSAMOptimizer(one.parameters(), torch.optim.SGD, variant=variant, rho=0.2, lr=LR)
+    opt2 = SSAMOptimizer([{"params": [two.w]}, {"params": [two.b]}], torch.optim.SGD, variant=variant, rho=0.2, lr=LR)
+    for model, opt in ((one, opt1), (two, opt2)):
+        opt.step(lambda m=model: _loss(m, xt, yt).backward())
+    g_sam, _ = sam_gradient(variant, theta, x, y, 0.2)
+    np.testing.assert_allclose(_theta(two), theta - LR * g_sam, rtol=0, atol=1e-10)
+    np.testing.assert_allclose(_theta(one), _theta(two), rtol=0, atol=1e-12)
