@@ -37,11 +37,13 @@ __all__ = [
     "REPO_ROOT",
     "Stopwatch",
     "default_out",
+    "digits",
     "environment",
     "format_table",
     "log_space",
     "print_lines",
     "savefig",
+    "small_cnn",
     "verdict",
     "write_csv",
 ]
@@ -134,3 +136,27 @@ def log_space(start: float, stop: float, num: int) -> list[float]:
 def print_lines(lines: Iterable[str]) -> None:
     for line in lines:
         print(line, flush=True)
+
+
+def digits() -> tuple[Any, Any]:
+    """scikit-learn's 8x8 digits (1797 images, bundled with the package: no download) as standardized tensors."""
+    import torch
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    images = torch.tensor(x, dtype=torch.float32).view(-1, 1, 8, 8)
+    images = (images - images.mean()) / images.std()
+    return images, torch.tensor(y, dtype=torch.long)
+
+
+def small_cnn(num_classes: int = 10) -> Any:
+    """A three-convolution BatchNorm CNN for 8x8 images (about 14k parameters): a miniature ResNet stem."""
+    from torch import nn
+
+    def block(c_in: int, c_out: int, stride: int) -> list[nn.Module]:
+        return [nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
+
+    return nn.Sequential(
+        *block(1, 16, 1), *block(16, 32, 2), *block(32, 32, 2),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, num_classes),
+    )
