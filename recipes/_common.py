@@ -1,0 +1,162 @@
+"""Pieces shared by the recipes: YAML + command-line arguments, classification metrics, run summaries.
+
+Not part of the ``hf_ssam`` package: the recipes are scripts that use the package, and this module is
+imported by them from the same folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from transformers import HfArgumentParser
+
+__all__ = [
+    "CONFIG_DIR",
+    "argmax_logits",
+    "classification_metrics",
+    "load_config",
+    "make_compute_metrics",
+    "parse_recipe_args",
+    "train_and_evaluate",
+]
+
+#: Folder of the YAML configs shipped with the recipes.
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+def load_config(path: str | Path, parser: HfArgumentParser) -> dict[str, Any]:
+    """Read a YAML config and check that every key is an option of ``parser``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"--config {path} does not exist or is not a file.")
+    with path.open(encoding="utf-8") as f:
+        config = yaml.safe_load(f) or {}
+    if not isinstance(config, dict):
+        raise ValueError(f"--config {path} must hold a mapping of option: value, got {type(config).__name__}.")
+    known = {action.dest for action in parser._actions}
+    unknown = sorted(set(config) - known)
+    if unknown:
+        raise ValueError(f"--config {path} has keys that are not options of this recipe: {unknown}.")
+    return config
+
+
+def parse_recipe_args(
+    dataclass_types: Sequence[type], argv: Sequence[str] | None, default_config: Path
+) -> tuple[Any, ...]:
+    """Parse ``--config file.yaml`` plus command-line options into ``dataclass_types``.
+
+    The YAML file gives the defaults and every option given on the command line wins over it. Without
+    ``--config`` the recipe's offline default ``default_config`` is read.
+    """
+    config_parser = argparse.ArgumentParser(add_help=False)
+    config_parser.add_argument("--config", default=str(default_config))
+    known, rest = config_parser.parse_known_args(argv)
+    parser = HfArgumentParser(dataclass_types)
+    parser.add_argument(
+        "--config", default=str(default_config), help="YAML file of options; command-line options override it."
+    )
+    parser.set_defaults(**load_config(known.config, parser))
+    *outputs, _namespace = parser.parse_args_into_dataclasses(args=[*rest, "--config", known.config])
+    return tuple(outputs)
+
+
+def classification_metrics(predictions: np.ndarray, labels: np.ndarray, num_labels: int) -> dict[str, float]:
+    """Accuracy, plus F1 of the positive class (label 1) when there are two classes. Plain numpy."""
+    predictions = np.asarray(predictions).reshape(-1)
+    labels = np.asarray(labels).reshape(-1)
+    if predictions.shape != labels.shape:
+        raise ValueError(f"predictions {predictions.shape} and labels {labels.shape} differ in shape.")
+    metrics = {"accuracy": float((predictions == labels).mean()) if labels.size else float("nan")}
+    if num_labels == 2:
+        tp = float(np.sum((predictions == 1) & (labels == 1)))
+        fp = float(np.sum((predictions == 1) & (labels != 1)))
+        fn = float(np.sum((predictions != 1) & (labels == 1)))
+        metrics["f1"] = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn > 0 else 0.0
+    return metrics
+
+
+def _evaluate_metrics(num_labels: int) -> Callable[[np.ndarray, np.ndarray], dict[str, float]] | None:
+    """The same metrics through the ``evaluate`` library, or None where it cannot load them (offline)."""
+    try:
+        import evaluate
+
+        accuracy = evaluate.load("accuracy")
+        f1 = evaluate.load("f1") if num_labels == 2 else None
+    except Exception:  # noqa: BLE001 - offline, missing package or hub error: fall back to numpy
+        return None
+
+    def compute(predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+        out = {"accuracy": float(accuracy.compute(predictions=predictions, references=labels)["accuracy"])}
+        if f1 is not None:
+            out["f1"] = float(f1.compute(predictions=predictions, references=labels)["f1"])
+        return out
+
+    return compute
+
+
+def make_compute_metrics(num_labels: int, backend: str = "auto") -> Callable[[Any], dict[str, float]]:
+    """A ``compute_metrics`` for the Trainer; predictions are class ids (see ``argmax_logits``).
+
+    ``backend``: ``"evaluate"`` (the ``evaluate`` library, which loads its metric scripts from the Hub),
+    ``"numpy"`` (:func:`classification_metrics`), or ``"auto"`` (``evaluate`` where it loads, else numpy).
+    """
+    if backend not in ("auto", "evaluate", "numpy"):
+        raise ValueError(f"--metrics_backend {backend} is not one of ['auto', 'evaluate', 'numpy'].")
+    compute = None if backend == "numpy" else _evaluate_metrics(num_labels)
+    if compute is None and backend == "evaluate":
+        raise ValueError(
+            "--metrics_backend evaluate: evaluate.load('accuracy') failed (it needs the Hugging Face Hub); "
+            "use --metrics_backend numpy or auto offline."
+        )
+    if compute is None:
+
+        def compute(predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+            return classification_metrics(predictions, labels, num_labels)
+
+    def compute_metrics(eval_prediction: Any) -> dict[str, float]:
+        predictions, labels = eval_prediction.predictions, eval_prediction.label_ids
+        if isinstance(predictions, tuple):
+            predictions = predictions[0]
+        return compute(np.asarray(predictions).reshape(-1), np.asarray(labels).reshape(-1))
+
+    return compute_metrics
+
+
+def argmax_logits(logits: Any, labels: Any) -> Any:
+    """``preprocess_logits_for_metrics``: keep class ids only, so evaluation does not gather all logits."""
+    if isinstance(logits, tuple):
+        logits = logits[0]
+    return logits.argmax(dim=-1)
+
+
+def train_and_evaluate(trainer: Any) -> dict[str, Any]:
+    """Train (resuming if asked), save model, metrics and state, evaluate; return a summary.
+
+    The summary holds ``eval`` (final validation metrics), ``train_loss`` (the last logged training loss),
+    ``wall_time_s`` (training wall time) and ``log_history`` (the Trainer's logs, ``sam/*`` keys included).
+    """
+    start = time.perf_counter()
+    train_result = trainer.train(resume_from_checkpoint=trainer.args.resume_from_checkpoint)
+    wall_time = time.perf_counter() - start
+    trainer.save_model()
+    trainer.log_metrics("train", train_result.metrics)
+    trainer.save_metrics("train", train_result.metrics)
+    trainer.save_state()
+    eval_metrics = trainer.evaluate()
+    trainer.log_metrics("eval", eval_metrics)
+    trainer.save_metrics("eval", eval_metrics)
+    history = trainer.state.log_history
+    losses = [row["loss"] for row in history if "loss" in row and math.isfinite(row["loss"])]
+    return {
+        "eval": eval_metrics,
+        "train_loss": losses[-1] if losses else float("nan"),
+        "wall_time_s": wall_time,
+        "log_history": history,
+    }
