@@ -1,7 +1,7 @@
 """hf_ssam: Stable Sharpness-Aware Minimization (SSAM) and the SAM family for the Hugging Face Trainer.
 
-Replace `Trainer` with :class:`SSAMTrainer` (and `TrainingArguments` with :class:`SSAMTrainingArguments`),
-or wrap any optimizer in :class:`SSAMOptimizer` for a plain PyTorch loop.
+Replace `Trainer` with `SSAMTrainer` (and `TrainingArguments` with `SSAMTrainingArguments`),
+or wrap any optimizer in `SSAMOptimizer` for a plain PyTorch loop.
 """
 
 from . import functional

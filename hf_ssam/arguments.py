@@ -21,7 +21,7 @@ def check_sam_config(
 ) -> None:
     """Raise a ``ValueError`` naming the field, the value and the allowed values for a bad setting.
 
-    Shared by :class:`SSAMTrainingArguments` (``prefix="sam_"``) and :class:`~hf_ssam.SSAMOptimizer`
+    Shared by `SSAMTrainingArguments` (``prefix="sam_"``) and `SSAMOptimizer`
     (``prefix=""``), so both refuse exactly the same inputs.
     """
     if variant not in VARIANT_CHOICES:
@@ -43,8 +43,8 @@ def check_sam_config(
 @dataclass
 class SSAMTrainingArguments(TrainingArguments):
     r"""
-    [`~transformers.TrainingArguments`] plus the arguments of a SAM-family step. Every field can be set from the
-    command line and from YAML through [`~transformers.HfArgumentParser`].
+    `transformers.TrainingArguments` plus the arguments of a SAM-family step. Every field can be set from the
+    command line and from YAML through `transformers.HfArgumentParser`.
 
     Parameters:
         sam_variant (`str`, *optional*, defaults to `"ssam"`):

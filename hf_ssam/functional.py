@@ -8,7 +8,7 @@ Symbols follow the SSAM paper (Tan et al., arXiv 2401.07250):
 * ``γ``     — the renormalization factor ``‖g‖ / ‖g_asc‖`` (SSAM's step 6).
 
 Every norm is the global L2 norm over all the tensors of the list. Nothing here knows about
-optimizers, models or the Trainer; :class:`~hf_ssam.SSAMOptimizer` and :class:`~hf_ssam.SSAMTrainer`
+optimizers, models or the Trainer; `SSAMOptimizer` and `SSAMTrainer`
 are thin glue over these functions. Multi-tensor ``torch._foreach_*`` kernels keep the per-step
 cost to a handful of launches whatever the number of parameter tensors.
 """

@@ -21,24 +21,29 @@ class SSAMOptimizer(torch.optim.Optimizer):
     Args:
         params: parameters or parameter groups, as for any optimizer.
         base_optimizer_cls: the optimizer that takes the step (e.g. `torch.optim.SGD`, `torch.optim.AdamW`).
-        variant: `"ssam"`, `"sam"`, `"usam"` or `"asam"` (see :class:`~hf_ssam.SSAMTrainingArguments`).
+        variant: `"ssam"`, `"sam"`, `"usam"` or `"asam"` (see `SSAMTrainingArguments`).
         rho: perturbation radius ρ ≥ 0.
         renormalize: rescale the descent gradient by γ = ‖g‖/‖g_asc‖; None means on for `"ssam"` only.
         asam_eta: ASAM's η ≥ 0.
         **base_kwargs: passed to `base_optimizer_cls` (lr, momentum, weight_decay, …).
 
-    Two ways to use it::
+    Two ways to use it, with two calls around your own backward passes:
 
-        loss_fn(model(x), y).backward()
-        opt.first_step(zero_grad=True)      # w ← w + e
-        loss_fn(model(x), y).backward()     # g_asc at w + e (same batch)
-        opt.second_step(zero_grad=True)     # w restored, g_asc rescaled, base step
+    ```python
+    loss_fn(model(x), y).backward()
+    opt.first_step(zero_grad=True)      # w ← w + e
+    loss_fn(model(x), y).backward()     # g_asc at w + e, same batch
+    opt.second_step(zero_grad=True)     # w restored, g_asc rescaled, base step
+    ```
 
-        opt.step(lambda: loss_fn(model(x), y).backward() or ...)  # or: a closure doing forward + backward
+    or with a closure that runs forward + backward and returns the loss: `loss = opt.step(closure)`.
 
     The parameter groups are the base optimizer's, so LR schedulers attach to this object and
     `state_dict()` / `load_state_dict()` carry the base optimizer's state (momentum, Adam moments).
     Norms are global over all parameters with a gradient. Gradients must be unscaled (no fp16 loss scale).
+    Under DDP keep both backward passes synchronized (the default): every replica then computes the same
+    γ. With the first pass under `no_sync`, `ssam` replicas would each apply their own γ to an already
+    averaged gradient and drift apart (`SSAMTrainer` handles the local mode correctly).
     """
 
     def __init__(
@@ -62,6 +67,8 @@ class SSAMOptimizer(torch.optim.Optimizer):
             raise ValueError(f"base_optimizer_cls={base_optimizer_cls!r} is not a torch.optim.Optimizer subclass.")
         defaults = dict(variant=variant, rho=rho, renormalize=renormalize, asam_eta=asam_eta, **base_kwargs)
         super().__init__(params, defaults)
+        for group in self.param_groups:  # settings given per parameter group get the same checks
+            check_sam_config(group["variant"], group["rho"], group["renormalize"], group["asam_eta"], prefix="")
         self.base_optimizer = base_optimizer_cls(self.param_groups, **base_kwargs)
         self._link_base()
         self._backup: dict[Tensor, Tensor] = {}  # saved w, one buffer per parameter, reused every step
@@ -136,6 +143,7 @@ class SSAMOptimizer(torch.optim.Optimizer):
                 renormalized = True
                 F.rescale_(self._params_grads(group), gamma)  # g_asc ← γ·g_asc
         self.base_optimizer.step()
+        self._opt_called = True  # second_step is this optimizer's step for LR schedulers' order check
         self.last_metrics = {
             "grad_norm": float(self._grad_norm),
             "ascent_grad_norm": float(ascent_grad_norm),

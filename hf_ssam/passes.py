@@ -1,8 +1,8 @@
 """Making the second forward pass see the same function as the first.
 
 Both passes of a SAM step must differentiate the *same* mini-batch loss: same dropout masks
-(:class:`RNGState` replays the random number generators) and no second update of BatchNorm's
-running statistics (:func:`freeze_batchnorm_stats`). Both work for plain PyTorch loops too.
+(`RNGState` replays the random number generators) and no second update of BatchNorm's
+running statistics (`freeze_batchnorm_stats`). Both work for plain PyTorch loops too.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def freeze_batchnorm_stats(model: nn.Module | list[nn.modules.batchnorm._BatchNo
     The layers still normalize with the batch statistics (the same function as the first pass);
     ``running_mean``, ``running_var`` and ``num_batches_tracked`` are put back afterwards, so they
     are updated once per step, by the first pass. Accepts a model or a list from
-    :func:`batchnorm_modules` (cheaper to reuse on a hot path).
+    `batchnorm_modules` (cheaper to reuse on a hot path).
     """
     layers = batchnorm_modules(model) if isinstance(model, nn.Module) else model
     saved = [(m, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in layers]

@@ -1,6 +1,6 @@
 """`SSAMTrainer`: `transformers.Trainer` with a SAM-family two-pass step.
 
-Only :meth:`SSAMTrainer.training_step` changes. Each call runs the Trainer's own forward/backward
+Only `training_step` changes. Each call runs the Trainer's own forward/backward
 twice through ``self.accelerator`` (so loss scaling, gradient-accumulation normalization, autocast and
 ``compute_loss`` overrides are exactly the Trainer's), and leaves the SAM gradient in ``.grad``:
 clipping, the base optimizer's step, the scheduler, logging and checkpoints stay the Trainer's.
@@ -35,9 +35,9 @@ _GRAD_NORM, _ASCENT_GRAD_NORM, _GAMMA, _ASCENT_LOSS, _SKIPPED, _MICRO_BATCHES, _
 
 
 class SSAMTrainer(Trainer):
-    """A drop-in [`~transformers.Trainer`] that trains with SSAM, SAM, USAM or ASAM.
+    """A drop-in `transformers.Trainer` that trains with SSAM, SAM, USAM or ASAM.
 
-    Takes the same arguments as `Trainer`. `args` should be an [`SSAMTrainingArguments`]; a plain
+    Takes the same arguments as `Trainer`. `args` should be an `SSAMTrainingArguments`; a plain
     `TrainingArguments` is promoted with the SAM fields at their defaults (`sam_variant="ssam"`,
     `sam_rho=0.05`). The optimizer is the base optimizer (AdamW unless `optim` or `optimizers=` say
     otherwise), so schedulers, `optim` choices and checkpoints behave as with `Trainer`.

@@ -183,3 +183,20 @@ def test_param_groups_share_global_norms(variant):
     g_sam, _ = sam_gradient(variant, theta, x, y, 0.2)
     np.testing.assert_allclose(_theta(two), theta - LR * g_sam, rtol=0, atol=1e-10)
     np.testing.assert_allclose(_theta(one), _theta(two), rtol=0, atol=1e-12)
+
+
+def test_per_group_settings_are_checked_too():
+    with pytest.raises(ValueError, match=r"rho=-1"):
+        SSAMOptimizer([{"params": [nn.Parameter(torch.zeros(2))], "rho": -1}], torch.optim.SGD, lr=0.1)
+
+
+def test_schedulers_see_second_step_as_the_optimizer_step(recwarn):
+    model = nn.Linear(3, 1)
+    opt = SSAMOptimizer(model.parameters(), torch.optim.SGD, lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1)
+    model(torch.randn(4, 3)).sum().backward()
+    opt.first_step(zero_grad=True)
+    model(torch.randn(4, 3)).sum().backward()
+    opt.second_step(zero_grad=True)
+    sched.step()
+    assert not [w for w in recwarn if "lr_scheduler.step()" in str(w.message)]
