@@ -2,7 +2,7 @@
 
 Commands (from the repository root; every number in ``docs/benchmarks.md`` comes from the first one)::
 
-    .venv/bin/python bench/step_cost.py                    # BERT + ViT, 30 measured steps per configuration
+    .venv/bin/python bench/step_cost.py                    # BERT + ViT, 40 timed steps per configuration
     .venv/bin/python bench/step_cost.py --model bert --steps 60
     .venv/bin/python bench/step_cost.py --quick            # tiny smoke configuration, seconds (used by the tests)
 
@@ -12,26 +12,32 @@ Outputs (``--out``, default ``outputs/bench/step_cost/``): ``step_cost.csv`` (ti
 What is measured, per model (a small BERT built from a ``BertConfig`` and a small timm ViT, no download):
 
 * **Time per optimizer step.** Every configuration trains its own copy of the same initial model in this
-  one process. Trainer configurations are timed by a ``TrainerCallback``: ``on_step_begin`` to
-  ``on_step_end`` covers the Trainer's whole step (``training_step`` for both passes, gradient clipping,
-  ``optimizer.step()``, scheduler, ``zero_grad``) but not data loading, logging or checkpointing.
-  Hand-written loops are timed around the same work. The configurations run round-robin in chunks of
-  ``--chunk`` steps (one more, untimed, warm-up step starts every chunk; the chunk order rotates every
-  round) so that drift of a shared machine hits all of them alike; the table reports medians.
-  ``ssam@5`` (``sam_interval=5``) alternates cheap and expensive steps, so it is reported as the *mean*
-  over whole chunks (a multiple of 5 steps), compared with the plain Trainer's mean.
+  one process, each in its own thread; a baton lets exactly one thread run at a time and passes on after
+  every optimizer step (the turn order is reshuffled every cycle), so the configurations advance step by
+  step, interleaved, and a slow period of a shared machine hits them all alike. Trainer configurations
+  are timed by a ``TrainerCallback``: ``on_step_begin`` to ``on_step_end`` covers the Trainer's whole step
+  (``training_step`` for both passes, gradient clipping, ``optimizer.step()``, scheduler, ``zero_grad``)
+  but not data loading, logging or checkpointing. Hand-written loops are timed around the same work. On
+  CPU the clock is the thread's CPU time (``time.thread_time``; torch runs single-threaded here), which
+  other processes on a shared machine do not inflate; wall time is reported next to it. With CUDA the
+  clock is wall time after a synchronize. The first ``--warmup`` steps are dropped; the tables report
+  medians. ``ssam@5`` (``sam_interval=5``) alternates cheap and expensive steps, so it is compared as the
+  median time of whole 5-step cycles against the plain Trainer's.
 * **Hand-written loops** (``loop:*``): the same model, batches and base optimizer (the Trainer's own
   optimizer class and arguments), the same gradient clipping, with (``loop:plain``) no SAM,
   (``loop:ssam``) the SSAM maths written directly with ``torch._foreach_*`` kernels (perturbation in
-  place, saved weights restored by copy, RNG replayed), and (``loop:SSAMOptimizer``) the package's
-  ``SSAMOptimizer.first_step``/``second_step``. ``trainer:ssam / loop:ssam`` is the cost of the Trainer
-  integration on top of the maths.
+  place, gradients dropped between the passes, saved weights restored by copy, RNG replayed), and
+  (``loop:SSAMOptimizer``) the package's ``SSAMOptimizer.first_step``/``second_step``.
+  ``trainer:ssam / loop:ssam`` is the cost of the Trainer integration on top of the maths.
 * **Bookkeeping alone**: ``hf_ssam.functional`` on the model's real parameters and gradients, in the
   order ``SSAMTrainer`` calls it (norm, scale, save, perturb, zero, restore, norm, γ, rescale), as a
   fraction of the ``trainer:ssam`` step.
 * **Peak memory** over plain training, in units of the model's parameter bytes: every configuration runs
   a few steps in a fresh subprocess and reports its resident-set high-water mark (``VmHWM``; with CUDA,
-  ``torch.cuda.max_memory_allocated``). ``tracemalloc`` cannot see torch's CPU allocations.
+  ``torch.cuda.max_memory_allocated``). ``tracemalloc`` cannot see torch's CPU allocations. The
+  subprocesses run with ``MALLOC_MMAP_THRESHOLD_=131072`` so that glibc returns every freed tensor-sized
+  block to the OS: the high-water mark then follows the live tensors, reproducibly, rather than heap
+  fragmentation.
 
 PASS/FAIL targets: ssam/plain <= 2.05 (two forward/backward passes make 2.0 the physical limit),
 ssam/sam <= 1.02, trainer:ssam/loop:ssam <= 1.05, bookkeeping <= 3% of the step (BERT),
@@ -246,6 +252,23 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
+#: Which clock the ratios use: on CPU the thread's CPU time (``time.thread_time``: a shared machine's other
+#: processes do not count, the work done in this thread does, and torch runs single-threaded here), on CUDA
+#: wall time (kernels run asynchronously; every step ends with a synchronize).
+PRIMARY = 1 if DEVICE.type == "cpu" else 0
+
+
+def clock() -> tuple[float, float]:
+    """(wall, this thread's CPU time) now."""
+    return time.perf_counter(), time.thread_time()
+
+
+def elapsed(start: tuple[float, float]) -> tuple[float, float]:
+    """(wall, CPU) seconds since ``start``."""
+    wall, cpu = clock()
+    return wall - start[0], cpu - start[1]
+
+
 class TrainerRunner:
     """One Trainer configuration, timed by a callback from ``on_step_begin`` to ``on_step_end``."""
 
@@ -255,17 +278,18 @@ class TrainerRunner:
 
         from hf_ssam import SSAMTrainer
 
-        self.config, self.baton, self.times = config, baton, []
+        self.config, self.baton = config, baton
+        self.times: list[tuple[float, float]] = []  # (wall, CPU) seconds per optimizer step
         runner = self
 
         class StepTimer(TrainerCallback):
             def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
                 _sync()
-                runner._start = time.perf_counter()
+                runner._start = clock()
 
             def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
                 _sync()
-                runner.times.append(time.perf_counter() - runner._start)
+                runner.times.append(elapsed(runner._start))
                 if runner.baton is not None:  # hand over; resume (data loading first) on the next turn
                     runner.baton.pass_on(runner.config)
                     runner.baton.wait(runner.config)
@@ -275,7 +299,7 @@ class TrainerRunner:
         cls = Trainer if config.startswith("trainer:plain") else SSAMTrainer
         self.trainer = cls(model=model, args=args, train_dataset=dataset, callbacks=[StepTimer()])
         self.trainer.remove_callback(PrinterCallback)
-        self._start = 0.0
+        self._start = (0.0, 0.0)
 
     def run(self) -> None:
         """Train ``steps`` optimizer steps (taking turns if there is a baton)."""
@@ -319,7 +343,7 @@ class LoopRunner:
             for i in range(0, len(dataset) - b + 1, b)
         ]
         self.backup = [torch.empty_like(p) for p in self.params]
-        self.times: list[float] = []
+        self.times: list[tuple[float, float]] = []
         self.step = {"loop:plain": self.step_plain, "loop:ssam": self.step_ssam,
                      "loop:SSAMOptimizer": self.step_ssam_optimizer}[config]
 
@@ -333,7 +357,12 @@ class LoopRunner:
         self.opt.zero_grad(set_to_none=True)
 
     def step_ssam(self, batch: dict[str, torch.Tensor]) -> None:
-        """SSAM written out: g, w+ρg (in place, weights saved), g_asc with the same RNG, restore, γ·g_asc."""
+        """SSAM written out: g, w+ρg (in place, weights saved), g_asc with the same RNG, restore, γ·g_asc.
+
+        The first gradients are dropped before the second pass (``p.grad = None``): the second backward
+        then writes fresh gradients instead of accumulating into zeroed buffers, and no gradient buffer
+        is alive during the second forward.
+        """
         rng = torch.get_rng_state()
         self.loss(batch).backward()  # g
         params = self.params
@@ -343,14 +372,17 @@ class LoopRunner:
             perturb = bool(torch.isfinite(gnorm) & (gnorm > 0))
             if perturb:
                 torch._foreach_copy_(self.backup, params)
-                torch._foreach_mul_(grads, RHO)  # e = ρ·g, in the gradient buffers (zeroed next)
+                torch._foreach_mul_(grads, RHO)  # e = ρ·g, in the gradient buffers (dropped next)
                 torch._foreach_add_(params, grads)  # w + e
-            torch._foreach_zero_(grads)
+            del grads
+            for p in params:
+                p.grad = None
         torch.set_rng_state(rng)
         self.loss(batch).backward()  # g_asc
         with torch.no_grad():
             if perturb:
                 torch._foreach_copy_(params, self.backup)
+            grads = [p.grad for p in params]
             anorm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
             ok = torch.isfinite(anorm) & (anorm > 0) & (gnorm > 0)
             torch._foreach_mul_(grads, torch.where(ok, gnorm / torch.where(ok, anorm, 1.0), 1.0))
@@ -379,10 +411,10 @@ class LoopRunner:
                 if self.baton is not None:
                     self.baton.wait(self.config)
                 _sync()
-                start = time.perf_counter()
+                start = clock()
                 self.step(batch)
                 _sync()
-                self.times.append(time.perf_counter() - start)
+                self.times.append(elapsed(start))
                 if self.baton is not None:
                     self.baton.pass_on(self.config)
         finally:
@@ -403,8 +435,8 @@ def bookkeeping_seconds(model: nn.Module, batch: dict[str, torch.Tensor], repeat
     """Median time of the SSAM bookkeeping on the model's real parameters and gradients.
 
     ``functional``: the ``hf_ssam.functional`` calls in SSAMTrainer's order (plus its one host sync and the
-    gradient zeroing between the passes). ``inplace``: the same maths with the perturbation written into the
-    gradient buffers (no temporary), as ``loop:ssam`` does — the floor for this memory traffic.
+    gradient zeroing between the passes). ``inplace``: the same maths as ``loop:ssam`` writes it (perturbation
+    in the gradient buffers, gradients dropped rather than zeroed) — the floor for this memory traffic.
     """
     from hf_ssam import functional as F
 
@@ -421,7 +453,7 @@ def bookkeeping_seconds(model: nn.Module, batch: dict[str, torch.Tensor], repeat
         scale = F.perturbation_scale("ssam", RHO, grad_norm, params=params, grads=grads)
         bool(torch.isfinite(scale) & (grad_norm > 0) & torch.isfinite(grad_norm))
         torch._foreach_copy_(backup, params)
-        F.ascend(params, grads, scale, variant="ssam")
+        F.ascend(params, grads, scale, variant="ssam", overwrite_grads=True)  # as SSAMTrainer calls it
         torch._foreach_zero_(grads)
         F.restore_(params, backup)
         ascent_norm = F.global_norm(grads)
@@ -437,7 +469,6 @@ def bookkeeping_seconds(model: nn.Module, batch: dict[str, torch.Tensor], repeat
         torch._foreach_copy_(backup, params)
         torch._foreach_mul_(grads, RHO)
         torch._foreach_add_(params, grads)
-        torch._foreach_zero_(grads)
         torch._foreach_copy_(params, backup)
         anorm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
         ok = torch.isfinite(anorm) & (anorm > 0)
@@ -449,10 +480,10 @@ def bookkeeping_seconds(model: nn.Module, batch: dict[str, torch.Tensor], repeat
         for _ in range(repeats + 2):
             torch._foreach_copy_(grads, saved)  # real gradients every time (the zeroing wiped them)
             _sync()
-            start = time.perf_counter()
+            start = clock()
             fn()
             _sync()
-            times.append(time.perf_counter() - start)
+            times.append(elapsed(start)[PRIMARY])
         out[name] = statistics.median(times[2:])
     out["n_tensors"] = float(len(params))
     out["n_params"] = float(sum(p.numel() for p in params))
@@ -496,6 +527,10 @@ def measure_memory(model_name: str, configs: list[str], quick: bool, steps: int,
         cmd = [sys.executable, __file__, "--memory-child", config, "--model", model_name, "--memory-steps", str(steps)]
         return cmd + (["--quick"] if quick else [])
 
+    # glibc keeps freed heap blocks and only returns mmap-ed ones; with a fixed 128 KiB mmap threshold every
+    # tensor-sized block goes back to the OS when freed, so the high-water mark follows the live tensors
+    # (reproducible to ~0.1 MiB) instead of the heap's fragmentation (tens of MiB of run-to-run noise).
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(128 * 1024))
     results: dict[str, dict[str, Any]] = {}
     pending = list(configs)
     running: list[tuple[str, subprocess.Popen]] = []
@@ -503,7 +538,7 @@ def measure_memory(model_name: str, configs: list[str], quick: bool, steps: int,
         while pending and len(running) < jobs:
             config = pending.pop(0)
             running.append((config, subprocess.Popen(command(config), stdout=subprocess.PIPE,
-                                                     stderr=subprocess.PIPE, text=True)))
+                                                     stderr=subprocess.PIPE, text=True, env=env)))
         config, proc = running.pop(0)
         stdout, stderr = proc.communicate()
         lines = [line for line in stdout.splitlines() if line.startswith("{")]
@@ -544,10 +579,11 @@ def time_model(model_name: str, quick: bool, steps: int, warmup: int) -> tuple[l
         print(f"[{model_name}] timed in {time.perf_counter() - started:.0f}s", flush=True)
         batch = runners["loop:ssam"].batches[0]
         book = bookkeeping_seconds(runners["loop:ssam"].model, batch, repeats=5 if quick else 30)
-    times = {c: runners[c].times[warmup:] for c in ALL_CONFIGS}
-    for c, t in times.items():
-        if len(t) != steps:
-            raise RuntimeError(f"{c}: {len(t)} timed steps instead of {steps}")
+    for c in ALL_CONFIGS:
+        if len(runners[c].times) != warmup + steps:
+            raise RuntimeError(f"{c}: {len(runners[c].times)} steps instead of {warmup + steps}")
+    times = {c: [t[PRIMARY] for t in runners[c].times[warmup:]] for c in ALL_CONFIGS}
+    walls = {c: [t[0] for t in runners[c].times[warmup:]] for c in ALL_CONFIGS}
     plain = statistics.median(times["trainer:plain"])
     rows = []
     for config in ALL_CONFIGS:
@@ -556,9 +592,9 @@ def time_model(model_name: str, quick: bool, steps: int, warmup: int) -> tuple[l
             "model": model_name,
             "config": config,
             "median_ms": 1e3 * statistics.median(t),
-            "mean_ms": 1e3 * statistics.fmean(t),
             "p10_ms": 1e3 * t[len(t) // 10],
             "p90_ms": 1e3 * t[(9 * len(t)) // 10],
+            "wall_median_ms": 1e3 * statistics.median(walls[config]),
             "steps": len(t),
             "vs_plain": statistics.median(t) / plain,
         })
@@ -686,7 +722,7 @@ def main(argv: list[str] | None = None) -> int:
 
     env = _common.environment()
     print("\n" + " ".join(f"{k}={v}" for k, v in env.items()))
-    print("\n" + _common.format_table(all_rows, ["model", "config", "median_ms", "mean_ms", "p10_ms", "p90_ms",
+    print("\n" + _common.format_table(all_rows, ["model", "config", "median_ms", "p10_ms", "p90_ms", "wall_median_ms",
                                                  "steps", "vs_plain"]))
     if all_memory:
         print("\n" + _common.format_table(all_memory, ["model", "config", "peak_mib", "reference", "extra_mib",
