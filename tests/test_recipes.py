@@ -71,6 +71,17 @@ def test_imagenet_configs_follow_the_paper_and_differ_only_in_the_variant(model:
     assert configs["ssam"]["per_device_train_batch_size"] * 8 == 256 and configs["ssam"]["warmup_steps"] > 0
 
 
+@pytest.mark.parametrize("name", ["single_node_8gpu", "multi_node_2x8gpu"])
+def test_accelerate_configs_load(name: str) -> None:
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    path = RECIPES / "accelerate" / f"{name}.yaml"
+    config = ClusterConfig.from_yaml_file(str(path))
+    assert config.distributed_type == "MULTI_GPU" and config.mixed_precision == "bf16"
+    assert (config.num_machines, config.num_processes) == ((1, 8) if name == "single_node_8gpu" else (2, 16))
+    assert path.read_text().startswith("#")
+
+
 def test_command_line_overrides_the_yaml() -> None:
     config = RECIPES / "configs" / "vit_s16_ssam.yaml"
     model_args, data_args, training_args = _common.parse_recipe_args(
