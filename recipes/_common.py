@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import yaml
+from datasets import DatasetDict
 from transformers import HfArgumentParser
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "make_compute_metrics",
     "parse_recipe_args",
     "train_and_evaluate",
+    "train_validation_splits",
 ]
 
 #: Folder of the YAML configs shipped with the recipes.
@@ -134,6 +136,34 @@ def argmax_logits(logits: Any, labels: Any) -> Any:
     if isinstance(logits, tuple):
         logits = logits[0]
     return logits.argmax(dim=-1)
+
+
+def train_validation_splits(
+    raw: Any,
+    validation_names: Sequence[str],
+    validation_percentage: float,
+    seed: int,
+    max_train_samples: int | None = None,
+    max_eval_samples: int | None = None,
+) -> DatasetDict:
+    """``train`` plus the first of ``validation_names`` found in ``raw``, or a seeded share of train.
+
+    ``max_train_samples`` / ``max_eval_samples`` keep a random (seeded) subset of each split.
+    """
+    if "train" not in raw:
+        raise ValueError(f"The data set has no train split (splits: {list(raw)}).")
+    validation = next((name for name in validation_names if name in raw), None)
+    if validation is None:
+        if not 0.0 < validation_percentage < 100.0:
+            raise ValueError(f"--validation_split_percentage {validation_percentage} must lie in (0, 100).")
+        parts = raw["train"].train_test_split(test_size=validation_percentage / 100, seed=seed)
+        splits = DatasetDict(train=parts["train"], validation=parts["test"])
+    else:
+        splits = DatasetDict(train=raw["train"], validation=raw[validation])
+    for split, limit in (("train", max_train_samples), ("validation", max_eval_samples)):
+        if limit is not None:
+            splits[split] = splits[split].shuffle(seed=seed).select(range(min(limit, len(splits[split]))))
+    return splits
 
 
 def train_and_evaluate(trainer: Any) -> dict[str, Any]:

@@ -50,8 +50,7 @@ def bundled_model_path(name: str) -> Path | None:
 
 
 def _split(dataset: Dataset, validation_fraction: float, seed: int) -> DatasetDict:
-    if not 0.0 < validation_fraction < 1.0:
-        raise ValueError(f"--validation_split_percentage must lie in (0, 100), got {100 * validation_fraction}.")
+    """A stratified train/validation split, fixed by ``seed``."""
     parts = dataset.train_test_split(test_size=validation_fraction, seed=seed, stratify_by_column="label")
     return DatasetDict(train=parts["train"], validation=parts["test"])
 

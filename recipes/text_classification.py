@@ -45,7 +45,14 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the recipes' shared helpers sit next to this file
 
-from _common import CONFIG_DIR, argmax_logits, make_compute_metrics, parse_recipe_args, train_and_evaluate  # noqa: E402
+from _common import (  # noqa: E402
+    CONFIG_DIR,
+    argmax_logits,
+    make_compute_metrics,
+    parse_recipe_args,
+    train_and_evaluate,
+    train_validation_splits,
+)
 from _data import bundled_model_path, vader_dataset  # noqa: E402
 from datasets import ClassLabel, DatasetDict, load_dataset  # noqa: E402
 from transformers import (  # noqa: E402
@@ -154,23 +161,20 @@ def load_text_dataset(data_args: DataArguments, seed: int) -> DatasetDict:
         raw = vader_dataset(data_args.vader_min_abs_valence, seed=seed)
     else:
         raw = load_dataset(data_args.dataset_name, data_args.dataset_config_name)
-    if "train" not in raw:
-        raise ValueError(f"The data set has no train split (splits: {list(raw)}).")
-    validation = next((name for name in _VALIDATION_SPLITS if name in raw), None)
-    if validation is None:
-        parts = raw["train"].train_test_split(test_size=data_args.validation_split_percentage / 100, seed=seed)
-        splits = DatasetDict(train=parts["train"], validation=parts["test"])
-    else:
-        splits = DatasetDict(train=raw["train"], validation=raw[validation])
+    splits = train_validation_splits(
+        raw,
+        _VALIDATION_SPLITS,
+        data_args.validation_split_percentage,
+        seed,
+        data_args.max_train_samples,
+        data_args.max_eval_samples,
+    )
     if data_args.label_column not in splits["train"].column_names:
         raise ValueError(
             f"--label_column {data_args.label_column} is not a column (columns: {splits['train'].column_names})."
         )
     if data_args.label_column != "label":
         splits = splits.rename_column(data_args.label_column, "label")
-    for split, limit in (("train", data_args.max_train_samples), ("validation", data_args.max_eval_samples)):
-        if limit is not None:
-            splits[split] = splits[split].shuffle(seed=seed).select(range(min(limit, len(splits[split]))))
     return splits
 
 

@@ -53,7 +53,14 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the recipes' shared helpers sit next to this file
 
 import timm  # noqa: E402
-from _common import CONFIG_DIR, argmax_logits, make_compute_metrics, parse_recipe_args, train_and_evaluate  # noqa: E402
+from _common import (  # noqa: E402
+    CONFIG_DIR,
+    argmax_logits,
+    make_compute_metrics,
+    parse_recipe_args,
+    train_and_evaluate,
+    train_validation_splits,
+)
 from _data import digits_dataset  # noqa: E402
 from datasets import DatasetDict, load_dataset  # noqa: E402
 from torchvision import transforms  # noqa: E402
@@ -186,14 +193,14 @@ def load_image_dataset(data_args: DataArguments, seed: int) -> DatasetDict:
         raw = digits_dataset(seed=seed)
     else:
         raw = load_dataset(data_args.dataset_name, data_args.dataset_config_name, cache_dir=data_args.cache_dir)
-    if "train" not in raw:
-        raise ValueError(f"The data set has no train split (splits: {list(raw)}).")
-    validation = next((name for name in _VALIDATION_SPLITS if name in raw), None)
-    if validation is None:
-        parts = raw["train"].train_test_split(test_size=data_args.validation_split_percentage / 100, seed=seed)
-        splits = DatasetDict(train=parts["train"], validation=parts["test"])
-    else:
-        splits = DatasetDict(train=raw["train"], validation=raw[validation])
+    splits = train_validation_splits(
+        raw,
+        _VALIDATION_SPLITS,
+        data_args.validation_split_percentage,
+        seed,
+        data_args.max_train_samples,
+        data_args.max_eval_samples,
+    )
 
     columns = splits["train"].column_names
     image_column = data_args.image_column or next((c for c in _IMAGE_COLUMNS if c in columns), None)
@@ -202,11 +209,7 @@ def load_image_dataset(data_args: DataArguments, seed: int) -> DatasetDict:
         if column is None or column not in columns:
             raise ValueError(f"{option} {column} is not a column of the data set (columns: {columns}).")
     renames = {old: new for old, new in ((image_column, "image"), (label_column, "label")) if old != new}
-    splits = splits.rename_columns(renames).select_columns(["image", "label"])
-    for split, limit in (("train", data_args.max_train_samples), ("validation", data_args.max_eval_samples)):
-        if limit is not None:
-            splits[split] = splits[split].shuffle(seed=seed).select(range(min(limit, len(splits[split]))))
-    return splits
+    return splits.rename_columns(renames).select_columns(["image", "label"])
 
 
 def num_classes_of(dataset: Any) -> int:
