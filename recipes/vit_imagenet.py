@@ -240,14 +240,20 @@ def build_transforms(model_args: ModelArguments, data_args: DataArguments) -> tu
     return transforms.Compose(train), transforms.Compose(evaluation)
 
 
-def _batch_transform(transform: Any) -> Any:
-    def apply(batch: dict[str, list[Any]]) -> dict[str, Any]:
+class BatchTransform:
+    """``set_transform`` callable: PIL images to normalized tensors, ``label`` to ``labels``.
+
+    A class rather than a closure so that it pickles into dataloader workers started with ``spawn``.
+    """
+
+    def __init__(self, transform: Any) -> None:
+        self.transform = transform
+
+    def __call__(self, batch: dict[str, list[Any]]) -> dict[str, Any]:
         return {
-            "pixel_values": [transform(image.convert("RGB")) for image in batch["image"]],
+            "pixel_values": [self.transform(image.convert("RGB")) for image in batch["image"]],
             "labels": batch["label"],
         }
-
-    return apply
 
 
 def collate(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -292,8 +298,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     with training_args.main_process_first(desc="loading the data set"):
         splits = load_image_dataset(data_args, training_args.seed)
     train_transform, eval_transform = build_transforms(model_args, data_args)
-    splits["train"].set_transform(_batch_transform(train_transform))
-    splits["validation"].set_transform(_batch_transform(eval_transform))
+    splits["train"].set_transform(BatchTransform(train_transform))
+    splits["validation"].set_transform(BatchTransform(eval_transform))
     num_classes = num_classes_of(splits["train"])
 
     model = build_model(model_args, num_classes)
