@@ -45,7 +45,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the recipes' shared helpers sit next to this file
 
-from _common import (  # noqa: E402
+from _data import bundled_model_path, vader_dataset  # noqa: E402
+from _recipe_utils import (  # noqa: E402
     CONFIG_DIR,
     argmax_logits,
     make_compute_metrics,
@@ -53,7 +54,6 @@ from _common import (  # noqa: E402
     train_and_evaluate,
     train_validation_splits,
 )
-from _data import bundled_model_path, vader_dataset  # noqa: E402
 from datasets import ClassLabel, DatasetDict, load_dataset  # noqa: E402
 from transformers import (  # noqa: E402
     AutoConfig,

@@ -53,7 +53,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the recipes' shared helpers sit next to this file
 
 import timm  # noqa: E402
-from _common import (  # noqa: E402
+from _data import digits_dataset  # noqa: E402
+from _recipe_utils import (  # noqa: E402
     CONFIG_DIR,
     argmax_logits,
     make_compute_metrics,
@@ -61,7 +62,6 @@ from _common import (  # noqa: E402
     train_and_evaluate,
     train_validation_splits,
 )
-from _data import digits_dataset  # noqa: E402
 from datasets import DatasetDict, load_dataset  # noqa: E402
 from torchvision import transforms  # noqa: E402
 

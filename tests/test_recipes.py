@@ -20,7 +20,7 @@ from transformers import EvalPrediction, HfArgumentParser
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 sys.path.insert(0, str(RECIPES))
 
-import _common  # noqa: E402
+import _recipe_utils  # noqa: E402
 import demo  # noqa: E402
 import text_classification  # noqa: E402
 import vit_imagenet  # noqa: E402
@@ -40,7 +40,7 @@ def _dataclasses(recipe: types.ModuleType) -> tuple[type, ...]:
 def test_every_config_parses_into_the_argument_dataclasses(config: Path) -> None:
     recipe = RECIPE_OF_CONFIG[config.name.split("_")[0]]
     parser = HfArgumentParser(_dataclasses(recipe))
-    values = _common.load_config(config, parser)
+    values = _recipe_utils.load_config(config, parser)
     # use_cpu: the GPU configs ask for bf16, which TrainingArguments refuses on a machine without a GPU.
     _, data_args, training_args = parser.parse_dict({**values, "use_cpu": True})
     assert training_args.sam_variant in ("none", "sam", "usam", "asam", "ssam")
@@ -84,7 +84,7 @@ def test_accelerate_configs_load(name: str) -> None:
 
 def test_command_line_overrides_the_yaml() -> None:
     config = RECIPES / "configs" / "vit_s16_ssam.yaml"
-    model_args, data_args, training_args = _common.parse_recipe_args(
+    model_args, data_args, training_args = _recipe_utils.parse_recipe_args(
         _dataclasses(vit_imagenet),
         ["--config", str(config), "--learning_rate", "0.01", "--sam_variant", "sam", "--use_cpu", "true"],
         vit_imagenet.DEFAULT_CONFIG,
@@ -170,12 +170,12 @@ def test_numpy_metrics_on_a_hand_example() -> None:
     predictions = np.array([1, 0, 1, 1, 0, 0])
     labels = np.array([1, 0, 0, 1, 1, 0])
     # 4 of 6 right; tp = 2, fp = 1, fn = 1 -> F1 = 2*2 / (2*2 + 1 + 1) = 2/3
-    metrics = _common.classification_metrics(predictions, labels, num_labels=2)
+    metrics = _recipe_utils.classification_metrics(predictions, labels, num_labels=2)
     assert metrics == pytest.approx({"accuracy": 4 / 6, "f1": 2 / 3})
-    assert _common.classification_metrics(np.array([2, 1, 0]), np.array([2, 0, 0]), 3) == pytest.approx(
+    assert _recipe_utils.classification_metrics(np.array([2, 1, 0]), np.array([2, 0, 0]), 3) == pytest.approx(
         {"accuracy": 2 / 3}
     )
-    assert _common.classification_metrics(np.array([0, 0]), np.array([0, 0]), 2) == {"accuracy": 1.0, "f1": 0.0}
+    assert _recipe_utils.classification_metrics(np.array([0, 0]), np.array([0, 0]), 2) == {"accuracy": 1.0, "f1": 0.0}
 
 
 def test_auto_metrics_fall_back_to_numpy_offline(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -183,12 +183,12 @@ def test_auto_metrics_fall_back_to_numpy_offline(monkeypatch: pytest.MonkeyPatch
         raise FileNotFoundError(f"Couldn't find a module script for {name} (offline)")
 
     monkeypatch.setitem(sys.modules, "evaluate", types.SimpleNamespace(load=offline_load))
-    compute = _common.make_compute_metrics(2, backend="auto")
+    compute = _recipe_utils.make_compute_metrics(2, backend="auto")
     logits_argmax = np.array([1, 0, 1, 1, 0, 0])
     metrics = compute(EvalPrediction(predictions=logits_argmax, label_ids=np.array([1, 0, 0, 1, 1, 0])))
     assert metrics == pytest.approx({"accuracy": 4 / 6, "f1": 2 / 3})
     with pytest.raises(ValueError, match="--metrics_backend evaluate"):
-        _common.make_compute_metrics(2, backend="evaluate")
+        _recipe_utils.make_compute_metrics(2, backend="evaluate")
 
 
 def test_demo_table_and_plot(tmp_path: Path) -> None:
