@@ -60,6 +60,7 @@ from transformers import (  # noqa: E402
     AutoModelForSequenceClassification,
     AutoTokenizer,
     DataCollatorWithPadding,
+    set_seed,
 )
 
 from hf_ssam import SSAMTrainer, SSAMTrainingArguments  # noqa: E402
@@ -235,6 +236,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             desc="tokenizing",
         )
 
+    set_seed(training_args.seed)  # the new classification head is initialized here
     model = AutoModelForSequenceClassification.from_pretrained(
         model_path,
         num_labels=len(label_names),

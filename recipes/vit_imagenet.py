@@ -64,6 +64,7 @@ from _recipe_utils import (  # noqa: E402
 )
 from datasets import DatasetDict, load_dataset  # noqa: E402
 from torchvision import transforms  # noqa: E402
+from transformers import set_seed  # noqa: E402
 
 from hf_ssam import SSAMTrainer, SSAMTrainingArguments  # noqa: E402
 
@@ -302,6 +303,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     splits["validation"].set_transform(BatchTransform(eval_transform))
     num_classes = num_classes_of(splits["train"])
 
+    set_seed(training_args.seed)  # the weights are initialized here, before the Trainer seeds anything
     model = build_model(model_args, num_classes)
     n_params = sum(p.numel() for p in model.parameters())
     logger.info(
