@@ -2,7 +2,7 @@
 
 Commands (from the repository root; every number in ``docs/benchmarks.md`` comes from the first one)::
 
-    .venv/bin/python bench/step_cost.py                    # BERT + ViT, 40 timed steps per configuration
+    .venv/bin/python bench/step_cost.py                    # BERT + ViT, 80 timed steps per configuration
     .venv/bin/python bench/step_cost.py --model bert --steps 60
     .venv/bin/python bench/step_cost.py --quick            # tiny smoke configuration, seconds (used by the tests)
 
@@ -20,9 +20,10 @@ What is measured, per model (a small BERT built from a ``BertConfig`` and a smal
   but not data loading, logging or checkpointing. Hand-written loops are timed around the same work. On
   CPU the clock is the thread's CPU time (``time.thread_time``; torch runs single-threaded here), which
   other processes on a shared machine do not inflate; wall time is reported next to it. With CUDA the
-  clock is wall time after a synchronize. The first ``--warmup`` steps are dropped; the tables report
-  medians. ``ssam@5`` (``sam_interval=5``) alternates cheap and expensive steps, so it is compared as the
-  median time of whole 5-step cycles against the plain Trainer's.
+  clock is wall time after a synchronize. The first ``--warmup`` steps are dropped. The table reports
+  medians per configuration; the checks use *paired* ratios, the median over cycles of (step of A) /
+  (step of B) from the same cycle, with a 95% bootstrap interval. ``ssam@5`` (``sam_interval=5``)
+  alternates cheap and expensive steps, so it is compared over whole 5-step cycles.
 * **Hand-written loops** (``loop:*``): the same model, batches and base optimizer (the Trainer's own
   optimizer class and arguments), the same gradient clipping, with (``loop:plain``) no SAM,
   (``loop:ssam``) the SSAM maths written directly with ``torch._foreach_*`` kernels (perturbation in
@@ -599,44 +600,57 @@ def time_model(model_name: str, quick: bool, steps: int, warmup: int) -> tuple[l
             "vs_plain": statistics.median(t) / plain,
         })
 
-    def cycles(config: str) -> list[float]:  # sums over whole sam_interval=5 cycles (the timed steps start on one)
-        t = times[config]
-        return [sum(t[i : i + 5]) for i in range(0, len(t) - 4, 5)]
-
-    interval = statistics.median(cycles("trainer:ssam@5")) / statistics.median(cycles("trainer:plain"))
-    extra = {"book": book, "interval_ratio": interval, "n_tensors": n_tensors, "n_params": n_params}
+    extra = {"book": book, "times": times, "n_tensors": n_tensors, "n_params": n_params}
     return rows, extra
+
+
+def paired_ratio(a: list[float], b: list[float], group: int = 1, resamples: int = 2000) -> tuple[float, float, float]:
+    """Median over cycles of ``sum(a) / sum(b)`` for the same cycle, with a 95% bootstrap interval.
+
+    The configurations advance in lockstep (one step each per cycle), so pairing a's i-th step with b's
+    i-th step cancels the machine's drift; ``group`` sums that many consecutive steps first (5 for
+    ``sam_interval=5``: one whole interval).
+    """
+    import random
+
+    ratios = [sum(a[i : i + group]) / sum(b[i : i + group]) for i in range(0, len(a) - group + 1, group)]
+    rng = random.Random(0)
+    boot = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(resamples))
+    return statistics.median(ratios), boot[int(0.025 * resamples)], boot[int(0.975 * resamples) - 1]
 
 
 def checks_for(model_name: str, rows: list[dict[str, Any]], extra: dict, memory: list[dict[str, Any]] | None):
     """The PASS/FAIL lines (target applies) and INFO lines (reported only)."""
     med = {r["config"]: r["median_ms"] for r in rows}
+    times = extra["times"]
     book = extra["book"]
     out = []
 
-    def add(name: str, value: float, target: float | None, note: str = "") -> None:
+    def add(name: str, value: float, target: float | None, note: str = "", ci: tuple[float, float] | None = None):
         status = "INFO" if target is None else ("PASS" if value <= target else "FAIL")
         out.append({"model": model_name, "check": name, "value": value,
+                    "ci95": "" if ci is None else f"[{ci[0]:.3f}, {ci[1]:.3f}]",
                     "target": "" if target is None else f"<= {target:g}", "status": status, "note": note})
 
-    add("trainer:ssam / trainer:plain", med["trainer:ssam"] / med["trainer:plain"], 2.05)
-    add("trainer:ssam / trainer:sam", med["trainer:ssam"] / med["trainer:sam"], 1.02)
-    add("trainer:ssam / loop:ssam", med["trainer:ssam"] / med["loop:ssam"], 1.05,
-        "Trainer integration over hand-written SSAM maths")
-    add("trainer:plain / loop:plain", med["trainer:plain"] / med["loop:plain"], None,
-        "the Trainer's own overhead, no SAM")
-    add("(trainer:ssam/loop:ssam) / (trainer:plain/loop:plain)",
-        (med["trainer:ssam"] / med["loop:ssam"]) / (med["trainer:plain"] / med["loop:plain"]), None,
-        "SSAM integration with the Trainer's own overhead divided out")
-    add("loop:SSAMOptimizer / loop:ssam", med["loop:SSAMOptimizer"] / med["loop:ssam"], None)
-    add("trainer:none / trainer:plain", med["trainer:none"] / med["trainer:plain"], None)
+    def ratio(a: str, b: str, target: float | None, note: str = "", group: int = 1) -> None:
+        value, low, high = paired_ratio(times[a], times[b], group)
+        add(f"{a} / {b}", value, target, note, (low, high))
+
+    ratio("trainer:ssam", "trainer:plain", 2.05, "two passes: 2.0 is the physical limit")
+    ratio("trainer:ssam", "trainer:sam", 1.02)
+    ratio("trainer:ssam", "loop:ssam", 1.05, "Trainer integration over hand-written SSAM maths")
+    ratio("loop:ssam", "loop:plain", None, "the two-pass cost without the Trainer")
+    ratio("trainer:plain", "loop:plain", None, "the Trainer's own overhead, no SAM")
+    ratio("loop:SSAMOptimizer", "loop:ssam", None)
+    ratio("trainer:none", "trainer:plain", None, "identical work: shows the noise")
+    ratio("trainer:usam", "trainer:plain", None)
+    ratio("trainer:asam", "trainer:plain", None)
     add("bookkeeping (hf_ssam.functional) / trainer:ssam step", book["functional"] / (med["trainer:ssam"] / 1e3),
         0.03 if model_name == "bert" else None,
         f"{1e3 * book['functional']:.2f} ms for {int(book['n_tensors'])} tensors")
     add("bookkeeping (in place, loop:ssam) / trainer:ssam step", book["inplace"] / (med["trainer:ssam"] / 1e3), None,
         f"{1e3 * book['inplace']:.2f} ms")
-    add("trainer:ssam@5 / trainer:plain", extra["interval_ratio"], 1.25,
-        "median time of whole 5-step cycles (one two-pass step in five)")
+    ratio("trainer:ssam@5", "trainer:plain", 1.25, "whole 5-step cycles (one two-pass step in five)", group=5)
     if memory:
         peak = {m["config"]: m["peak_bytes"] for m in memory}
         pbytes = memory[0]["param_bytes"]
@@ -678,7 +692,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", choices=["bert", "vit", "all"], default="all")
     parser.add_argument("--steps", type=int, default=None,
-                        help="timed steps per configuration, a multiple of 5 (default 40; 5 with --quick)")
+                        help="timed steps per configuration, a multiple of 5 (default 80; 5 with --quick)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed first steps, a multiple of 5 (default 5)")
     parser.add_argument("--quick", action="store_true", help="tiny models, few steps: a smoke test in seconds")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
@@ -686,7 +700,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory-steps", type=int, default=4, help="steps per memory subprocess (default 4)")
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    steps = args.steps or (5 if args.quick else 40)
+    steps = args.steps or (5 if args.quick else 80)
     if steps % 5 or args.warmup % 5:
         parser.error("--steps and --warmup must be multiples of 5 (sam_interval=5 is timed over whole cycles)")
 
@@ -731,7 +745,8 @@ def main(argv: list[str] | None = None) -> int:
     for c in all_checks:
         note = f"  ({c['note']})" if c["note"] else ""
         target = f" (target {c['target']})" if c["target"] else ""
-        print(f"{c['status']} [{c['model']}] {c['check']} = {c['value']:.3f}{target}{note}")
+        ci = f" 95% CI {c['ci95']}" if c["ci95"] else ""
+        print(f"{c['status']} [{c['model']}] {c['check']} = {c['value']:.3f}{ci}{target}{note}")
     out = args.out
     _common.write_csv(out / "step_cost.csv", all_rows)
     _common.write_csv(out / "checks.csv", all_checks)

@@ -56,7 +56,7 @@ class DigitsClassifier(nn.Module):
         return out
 
 
-def run(rho: float, epochs: int, max_steps: int, seed: int, output_dir: str) -> list[dict[str, Any]]:
+def run(rho: float, epochs: int, max_steps: int, seed: int, output_dir: str, scheduler: str = "cosine") -> list[dict]:
     """Train once with SSAMTrainer; returns the per-step log rows that carry ``sam/gamma``."""
     from transformers import PrinterCallback
 
@@ -74,7 +74,7 @@ def run(rho: float, epochs: int, max_steps: int, seed: int, output_dir: str) -> 
         max_steps=max_steps,
         per_device_train_batch_size=128,
         learning_rate=0.1,
-        lr_scheduler_type="cosine",
+        lr_scheduler_type=scheduler,
         logging_steps=1,
         save_strategy="no",
         report_to="none",
@@ -140,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     size.add_argument("--full", action="store_true", help="200 epochs, as in the paper")
     parser.add_argument("--epochs", type=int, default=None, help="epochs per run (default 40)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lr-scheduler", default="cosine", help="the Trainer's lr_scheduler_type (default cosine)")
     parser.add_argument("--out", type=Path, default=_common.default_out("gamma_trace"))
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -150,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for rho in RHOS:
             t0 = time.perf_counter()
-            rows += run(rho, epochs, max_steps, args.seed, tmp)
+            rows += run(rho, epochs, max_steps, args.seed, tmp, args.lr_scheduler)
             gammas = [r["gamma"] for r in rows if r["rho"] == rho]
             print(f"  rho={rho:<5g} {len(gammas)} steps, gamma median {statistics.median(gammas):.3f} "
                   f"min {min(gammas):.3f} max {max(gammas):.3f} ({time.perf_counter() - t0:.0f}s)", flush=True)
