@@ -6,8 +6,9 @@ Commands (from the repository root; every number in ``docs/benchmarks.md`` comes
     .venv/bin/python bench/step_cost.py --model bert --steps 60
     .venv/bin/python bench/step_cost.py --quick            # tiny smoke configuration, seconds (used by the tests)
 
-Outputs (``--out``, default ``outputs/bench/step_cost/``): ``step_cost.csv`` (time per step),
-``memory.csv`` (peak memory), ``checks.csv`` (the PASS/FAIL lines) and ``step_cost.png``.
+Outputs (``--out``, default ``outputs/bench/step_cost/``): ``step_cost.csv`` (time per step, one row per
+configuration), ``steps.csv`` (every timed step), ``memory.csv`` (peak memory), ``checks.csv`` (the
+PASS/FAIL lines) and ``step_cost.png``.
 
 What is measured, per model (a small BERT built from a ``BertConfig`` and a small timm ViT, no download):
 
@@ -585,10 +586,11 @@ def time_model(model_name: str, quick: bool, steps: int, warmup: int) -> tuple[l
             raise RuntimeError(f"{c}: {len(runners[c].times)} steps instead of {warmup + steps}")
     times = {c: [t[PRIMARY] for t in runners[c].times[warmup:]] for c in ALL_CONFIGS}
     walls = {c: [t[0] for t in runners[c].times[warmup:]] for c in ALL_CONFIGS}
-    plain = statistics.median(times["trainer:plain"])
     rows = []
     for config in ALL_CONFIGS:
         t = sorted(times[config])
+        group = 5 if config == "trainer:ssam@5" else 1  # whole sam_interval cycles
+        ratio, low, high = paired_ratio(times[config], times["trainer:plain"], group)
         rows.append({
             "model": model_name,
             "config": config,
@@ -597,10 +599,16 @@ def time_model(model_name: str, quick: bool, steps: int, warmup: int) -> tuple[l
             "p90_ms": 1e3 * t[(9 * len(t)) // 10],
             "wall_median_ms": 1e3 * statistics.median(walls[config]),
             "steps": len(t),
-            "vs_plain": statistics.median(t) / plain,
+            "vs_plain": ratio,
+            "vs_plain_ci95": f"[{low:.3f}, {high:.3f}]",
         })
+    steps_rows = [
+        {"model": model_name, "config": c, "step": i, "cpu_ms": 1e3 * cpu, "wall_ms": 1e3 * wall}
+        for c in ALL_CONFIGS
+        for i, (wall, cpu) in enumerate(runners[c].times[warmup:])
+    ]
 
-    extra = {"book": book, "times": times, "n_tensors": n_tensors, "n_params": n_params}
+    extra = {"book": book, "times": times, "steps": steps_rows, "n_tensors": n_tensors, "n_params": n_params}
     return rows, extra
 
 
@@ -673,18 +681,21 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     models = list(dict.fromkeys(r["model"] for r in rows))
-    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models) + 1.2, 3.6), squeeze=False, sharey=True)
     for ax, model_name in zip(axes[0], models):
         sub = [r for r in rows if r["model"] == model_name]
         names = [r["config"] for r in sub]
         values = [r["vs_plain"] for r in sub]
+        bounds = [[float(x) for x in r["vs_plain_ci95"].strip("[]").split(",")] for r in sub]
+        err = [[max(0.0, v - lo) for v, (lo, _) in zip(values, bounds)],
+               [max(0.0, hi - v) for v, (_, hi) in zip(values, bounds)]]
         colors = ["tab:gray" if n.endswith(("plain", "none")) else "tab:blue" for n in names]
-        ax.barh(names, values, color=colors)
+        ax.barh(names, values, xerr=err, color=colors, ecolor="k", capsize=2)
         ax.axvline(2.0, color="tab:red", lw=1, ls="--", label="2x (two passes)")
-        ax.invert_yaxis()
-        ax.set_xlabel("median step time / trainer:plain")
+        ax.set_xlabel("step time / trainer:plain (paired, 95% CI)")
         ax.set_title(model_name)
         ax.legend(loc="lower right", fontsize=8)
+    axes[0][0].invert_yaxis()
     _common.savefig(fig, path)
 
 
@@ -712,7 +723,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick and args.model == "all":
         models = ["bert"]
     started = time.perf_counter()
-    all_rows, all_checks, all_memory = [], [], []
+    all_rows, all_checks, all_memory, all_steps = [], [], [], []
     for model_name in models:
         rows, extra = time_model(model_name, args.quick, steps, args.warmup)
         memory = None
@@ -732,12 +743,13 @@ def main(argv: list[str] | None = None) -> int:
                 m["reference"] = base_cfg
             all_memory += memory
         all_rows += rows
+        all_steps += extra["steps"]
         all_checks += checks_for(model_name, rows, extra, memory)
 
     env = _common.environment()
     print("\n" + " ".join(f"{k}={v}" for k, v in env.items()))
     print("\n" + _common.format_table(all_rows, ["model", "config", "median_ms", "p10_ms", "p90_ms", "wall_median_ms",
-                                                 "steps", "vs_plain"]))
+                                                 "steps", "vs_plain", "vs_plain_ci95"]))
     if all_memory:
         print("\n" + _common.format_table(all_memory, ["model", "config", "peak_mib", "reference", "extra_mib",
                                                        "extra_x_param_bytes"]))
@@ -750,12 +762,14 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out
     _common.write_csv(out / "step_cost.csv", all_rows)
     _common.write_csv(out / "checks.csv", all_checks)
+    _common.write_csv(out / "steps.csv", all_steps)
     if all_memory:
         _common.write_csv(out / "memory.csv", all_memory,
                           ["model", "config", "peak_mib", "reference", "extra_mib", "extra_x_param_bytes",
                            "param_bytes"])
     plot(all_rows, out / "step_cost.png")
-    print(f"\nwrote {out}/step_cost.csv, checks.csv, step_cost.png in {time.perf_counter() - started:.0f}s")
+    written = ", ".join(sorted(p.name for p in out.iterdir() if p.suffix in (".csv", ".png")))
+    print(f"\nwrote {written} to {out} in {time.perf_counter() - started:.0f}s")
     return 0
 
 
