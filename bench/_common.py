@@ -1,4 +1,4 @@
-"""Shared helpers for the benchmark scripts under ``bench/``: environment, output folders, CSV, plots.
+"""Shared code of the benchmark scripts under ``bench/``: environment, output folders, CSV files, plots, data.
 
 Import this module before ``torch`` (the scripts do): it pins the offline, single-threaded environment
 the numbers in ``docs/benchmarks.md`` were measured in, unless the caller already set those variables.
@@ -157,6 +157,10 @@ def small_cnn(num_classes: int = 10) -> Any:
         return [nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
 
     return nn.Sequential(
-        *block(1, 16, 1), *block(16, 32, 2), *block(32, 32, 2),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, num_classes),
+        *block(1, 16, 1),
+        *block(16, 32, 2),
+        *block(32, 32, 2),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(32, num_classes),
     )

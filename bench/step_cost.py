@@ -122,12 +122,26 @@ def bert_workload(quick: bool) -> Workload:
     from transformers import BertConfig, BertForSequenceClassification
 
     if quick:
-        cfg = BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=64, max_position_embeddings=16, num_labels=2)
+        cfg = BertConfig(
+            vocab_size=128,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=16,
+            num_labels=2,
+        )
         seq, batch = 16, 4
     else:
-        cfg = BertConfig(vocab_size=4096, hidden_size=192, num_hidden_layers=6, num_attention_heads=4,
-                         intermediate_size=768, max_position_embeddings=64, num_labels=2)
+        cfg = BertConfig(
+            vocab_size=4096,
+            hidden_size=192,
+            num_hidden_layers=6,
+            num_attention_heads=4,
+            intermediate_size=768,
+            max_position_embeddings=64,
+            num_labels=2,
+        )
         seq, batch = 64, 16
 
     def samples(n: int) -> list[dict[str, torch.Tensor]]:
@@ -141,8 +155,10 @@ def bert_workload(quick: bool) -> Workload:
         torch.manual_seed(0)
         return BertForSequenceClassification(cfg)
 
-    desc = (f"BertForSequenceClassification hidden={cfg.hidden_size} layers={cfg.num_hidden_layers} "
-            f"vocab={cfg.vocab_size}, batch {batch} x seq {seq}")
+    desc = (
+        f"BertForSequenceClassification hidden={cfg.hidden_size} layers={cfg.num_hidden_layers} "
+        f"vocab={cfg.vocab_size}, batch {batch} x seq {seq}"
+    )
     return Workload("bert", build, samples, batch, desc)
 
 
@@ -166,8 +182,10 @@ def vit_workload(quick: bool) -> Workload:
         torch.manual_seed(0)
         return ImageClassifier(VisionTransformer(**kw))
 
-    desc = (f"timm VisionTransformer embed={kw['embed_dim']} depth={kw['depth']} "
-            f"img={kw['img_size']} patch={kw['patch_size']}, batch {batch}")
+    desc = (
+        f"timm VisionTransformer embed={kw['embed_dim']} depth={kw['depth']} "
+        f"img={kw['img_size']} patch={kw['patch_size']}, batch {batch}"
+    )
     return Workload("vit", build, samples, batch, desc)
 
 
@@ -274,8 +292,16 @@ def elapsed(start: tuple[float, float]) -> tuple[float, float]:
 class TrainerRunner:
     """One Trainer configuration, timed by a callback from ``on_step_begin`` to ``on_step_end``."""
 
-    def __init__(self, config: str, workload: Workload, model: nn.Module, dataset: list, steps: int, tmp: str,
-                 baton: Baton | None = None):
+    def __init__(
+        self,
+        config: str,
+        workload: Workload,
+        model: nn.Module,
+        dataset: list,
+        steps: int,
+        tmp: str,
+        baton: Baton | None = None,
+    ):
         from transformers import PrinterCallback, Trainer, TrainerCallback
 
         from hf_ssam import SSAMTrainer
@@ -326,8 +352,16 @@ def base_optimizer(tmp: str, workload: Workload) -> tuple[type, dict[str, Any]]:
 class LoopRunner:
     """A hand-written training loop on the same model, batches and base optimizer as the Trainer's."""
 
-    def __init__(self, config: str, workload: Workload, model: nn.Module, dataset: list, steps: int, tmp: str,
-                 baton: Baton | None = None):
+    def __init__(
+        self,
+        config: str,
+        workload: Workload,
+        model: nn.Module,
+        dataset: list,
+        steps: int,
+        tmp: str,
+        baton: Baton | None = None,
+    ):
         from transformers import default_data_collator
 
         from hf_ssam import SSAMOptimizer
@@ -346,8 +380,11 @@ class LoopRunner:
         ]
         self.backup = [torch.empty_like(p) for p in self.params]
         self.times: list[tuple[float, float]] = []
-        self.step = {"loop:plain": self.step_plain, "loop:ssam": self.step_ssam,
-                     "loop:SSAMOptimizer": self.step_ssam_optimizer}[config]
+        self.step = {
+            "loop:plain": self.step_plain,
+            "loop:ssam": self.step_ssam,
+            "loop:SSAMOptimizer": self.step_ssam_optimizer,
+        }[config]
 
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.model(**batch)["loss"]
@@ -424,8 +461,9 @@ class LoopRunner:
                 self.baton.finish(self.config)
 
 
-def make_runner(config: str, workload: Workload, model: nn.Module, dataset: list, steps: int, tmp: str,
-                baton: Baton | None = None) -> Any:
+def make_runner(
+    config: str, workload: Workload, model: nn.Module, dataset: list, steps: int, tmp: str, baton: Baton | None = None
+) -> Any:
     cls = LoopRunner if config.startswith("loop:") else TrainerRunner
     return cls(config, workload, model, dataset, steps, tmp, baton)
 
@@ -525,6 +563,7 @@ def memory_child(model_name: str, config: str, quick: bool, steps: int) -> dict[
 
 def measure_memory(model_name: str, configs: list[str], quick: bool, steps: int, jobs: int = 2) -> list[dict]:
     """One fresh subprocess per configuration (``jobs`` at a time: each has its own high-water mark)."""
+
     def command(config: str) -> list[str]:
         cmd = [sys.executable, __file__, "--memory-child", config, "--model", model_name, "--memory-steps", str(steps)]
         return cmd + (["--quick"] if quick else [])
@@ -539,8 +578,14 @@ def measure_memory(model_name: str, configs: list[str], quick: bool, steps: int,
     while pending or running:
         while pending and len(running) < jobs:
             config = pending.pop(0)
-            running.append((config, subprocess.Popen(command(config), stdout=subprocess.PIPE,
-                                                     stderr=subprocess.PIPE, text=True, env=env)))
+            running.append(
+                (
+                    config,
+                    subprocess.Popen(
+                        command(config), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+                    ),
+                )
+            )
         config, proc = running.pop(0)
         stdout, stderr = proc.communicate()
         lines = [line for line in stdout.splitlines() if line.startswith("{")]
@@ -562,8 +607,11 @@ def time_model(model_name: str, quick: bool, steps: int, warmup: int) -> tuple[l
     base = workload.build()
     n_tensors = sum(1 for p in base.parameters() if p.requires_grad)
     n_params = sum(p.numel() for p in base.parameters() if p.requires_grad)
-    print(f"[{model_name}] {n_tensors} parameter tensors, {n_params / 1e6:.2f}M parameters; "
-          f"{warmup} warm-up + {steps} timed steps per configuration", flush=True)
+    print(
+        f"[{model_name}] {n_tensors} parameter tensors, {n_params / 1e6:.2f}M parameters; "
+        f"{warmup} warm-up + {steps} timed steps per configuration",
+        flush=True,
+    )
     dataset = workload.samples(workload.batch_size * 8)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -571,8 +619,9 @@ def time_model(model_name: str, quick: bool, steps: int, warmup: int) -> tuple[l
         # Loops first: a TrainingArguments' device setup resets accelerate's process-wide state, which every
         # Trainer built afterwards re-creates (and the earlier Trainers share).
         build_order = [*LOOP_CONFIGS, *TRAINER_CONFIGS]
-        runners = {c: make_runner(c, workload, copy.deepcopy(base), dataset, warmup + steps, tmp, baton)
-                   for c in build_order}
+        runners = {
+            c: make_runner(c, workload, copy.deepcopy(base), dataset, warmup + steps, tmp, baton) for c in build_order
+        }
         threads = [threading.Thread(target=runners[c].run, name=c, daemon=True) for c in ALL_CONFIGS]
         for thread in threads:
             thread.start()
@@ -591,17 +640,19 @@ def time_model(model_name: str, quick: bool, steps: int, warmup: int) -> tuple[l
         t = sorted(times[config])
         group = 5 if config == "trainer:ssam@5" else 1  # whole sam_interval cycles
         ratio, low, high = paired_ratio(times[config], times["trainer:plain"], group)
-        rows.append({
-            "model": model_name,
-            "config": config,
-            "median_ms": 1e3 * statistics.median(t),
-            "p10_ms": 1e3 * t[len(t) // 10],
-            "p90_ms": 1e3 * t[(9 * len(t)) // 10],
-            "wall_median_ms": 1e3 * statistics.median(walls[config]),
-            "steps": len(t),
-            "vs_plain": ratio,
-            "vs_plain_ci95": f"[{low:.3f}, {high:.3f}]",
-        })
+        rows.append(
+            {
+                "model": model_name,
+                "config": config,
+                "median_ms": 1e3 * statistics.median(t),
+                "p10_ms": 1e3 * t[len(t) // 10],
+                "p90_ms": 1e3 * t[(9 * len(t)) // 10],
+                "wall_median_ms": 1e3 * statistics.median(walls[config]),
+                "steps": len(t),
+                "vs_plain": ratio,
+                "vs_plain_ci95": f"[{low:.3f}, {high:.3f}]",
+            }
+        )
     steps_rows = [
         {"model": model_name, "config": c, "step": i, "cpu_ms": 1e3 * cpu, "wall_ms": 1e3 * wall}
         for c in ALL_CONFIGS
@@ -636,9 +687,17 @@ def checks_for(model_name: str, rows: list[dict[str, Any]], extra: dict, memory:
 
     def add(name: str, value: float, target: float | None, note: str = "", ci: tuple[float, float] | None = None):
         status = "INFO" if target is None else ("PASS" if value <= target else "FAIL")
-        out.append({"model": model_name, "check": name, "value": value,
-                    "ci95": "" if ci is None else f"[{ci[0]:.3f}, {ci[1]:.3f}]",
-                    "target": "" if target is None else f"<= {target:g}", "status": status, "note": note})
+        out.append(
+            {
+                "model": model_name,
+                "check": name,
+                "value": value,
+                "ci95": "" if ci is None else f"[{ci[0]:.3f}, {ci[1]:.3f}]",
+                "target": "" if target is None else f"<= {target:g}",
+                "status": status,
+                "note": note,
+            }
+        )
 
     def ratio(a: str, b: str, target: float | None, note: str = "", group: int = 1) -> None:
         value, low, high = paired_ratio(times[a], times[b], group)
@@ -653,11 +712,18 @@ def checks_for(model_name: str, rows: list[dict[str, Any]], extra: dict, memory:
     ratio("trainer:none", "trainer:plain", None, "identical work: shows the noise")
     ratio("trainer:usam", "trainer:plain", None)
     ratio("trainer:asam", "trainer:plain", None)
-    add("bookkeeping (hf_ssam.functional) / trainer:ssam step", book["functional"] / (med["trainer:ssam"] / 1e3),
+    add(
+        "bookkeeping (hf_ssam.functional) / trainer:ssam step",
+        book["functional"] / (med["trainer:ssam"] / 1e3),
         0.03 if model_name == "bert" else None,
-        f"{1e3 * book['functional']:.2f} ms for {int(book['n_tensors'])} tensors")
-    add("bookkeeping (in place, loop:ssam) / trainer:ssam step", book["inplace"] / (med["trainer:ssam"] / 1e3), None,
-        f"{1e3 * book['inplace']:.2f} ms")
+        f"{1e3 * book['functional']:.2f} ms for {int(book['n_tensors'])} tensors",
+    )
+    add(
+        "bookkeeping (in place, loop:ssam) / trainer:ssam step",
+        book["inplace"] / (med["trainer:ssam"] / 1e3),
+        None,
+        f"{1e3 * book['inplace']:.2f} ms",
+    )
     ratio("trainer:ssam@5", "trainer:plain", 1.25, "whole 5-step cycles (one two-pass step in five)", group=5)
     if memory:
         peak = {m["config"]: m["peak_bytes"] for m in memory}
@@ -666,12 +732,21 @@ def checks_for(model_name: str, rows: list[dict[str, Any]], extra: dict, memory:
         def extra_mem(config: str, ref: str) -> float:
             return (peak[config] - peak[ref]) / pbytes
 
-        add("extra peak memory trainer:ssam vs trainer:plain (x param bytes)",
-            extra_mem("trainer:ssam", "trainer:plain"), 1.1, f"param bytes {pbytes / 2**20:.1f} MiB")
-        for config, ref in (("trainer:sam", "trainer:plain"), ("trainer:usam", "trainer:plain"),
-                            ("trainer:asam", "trainer:plain"), ("trainer:none", "trainer:plain"),
-                            ("loop:ssam", "loop:plain"), ("loop:SSAMOptimizer", "loop:plain"),
-                            ("trainer:ssam+ga2", "trainer:plain+ga2")):
+        add(
+            "extra peak memory trainer:ssam vs trainer:plain (x param bytes)",
+            extra_mem("trainer:ssam", "trainer:plain"),
+            1.1,
+            f"param bytes {pbytes / 2**20:.1f} MiB",
+        )
+        for config, ref in (
+            ("trainer:sam", "trainer:plain"),
+            ("trainer:usam", "trainer:plain"),
+            ("trainer:asam", "trainer:plain"),
+            ("trainer:none", "trainer:plain"),
+            ("loop:ssam", "loop:plain"),
+            ("loop:SSAMOptimizer", "loop:plain"),
+            ("trainer:ssam+ga2", "trainer:plain+ga2"),
+        ):
             if config in peak and ref in peak:
                 add(f"extra peak memory {config} vs {ref} (x param bytes)", extra_mem(config, ref), None)
     return out
@@ -687,8 +762,10 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         names = [r["config"] for r in sub]
         values = [r["vs_plain"] for r in sub]
         bounds = [[float(x) for x in r["vs_plain_ci95"].strip("[]").split(",")] for r in sub]
-        err = [[max(0.0, v - lo) for v, (lo, _) in zip(values, bounds)],
-               [max(0.0, hi - v) for v, (_, hi) in zip(values, bounds)]]
+        err = [
+            [max(0.0, v - lo) for v, (lo, _) in zip(values, bounds)],
+            [max(0.0, hi - v) for v, (_, hi) in zip(values, bounds)],
+        ]
         colors = ["tab:gray" if n.endswith(("plain", "none")) else "tab:blue" for n in names]
         ax.barh(names, values, xerr=err, color=colors, ecolor="k", capsize=2)
         ax.axvline(2.0, color="tab:red", lw=1, ls="--", label="2x (two passes)")
@@ -702,8 +779,12 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", choices=["bert", "vit", "all"], default="all")
-    parser.add_argument("--steps", type=int, default=None,
-                        help="timed steps per configuration, a multiple of 5 (default 80; 5 with --quick)")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="timed steps per configuration, a multiple of 5 (default 80; 5 with --quick)",
+    )
     parser.add_argument("--warmup", type=int, default=5, help="untimed first steps, a multiple of 5 (default 5)")
     parser.add_argument("--quick", action="store_true", help="tiny models, few steps: a smoke test in seconds")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
@@ -728,15 +809,21 @@ def main(argv: list[str] | None = None) -> int:
         rows, extra = time_model(model_name, args.quick, steps, args.warmup)
         memory = None
         if not args.no_memory:
-            configs = (["trainer:plain", "trainer:ssam"] if args.quick else
-                       [*TRAINER_CONFIGS.keys() - {"trainer:ssam@5"}, *LOOP_CONFIGS, *GA_CONFIGS])
+            configs = (
+                ["trainer:plain", "trainer:ssam"]
+                if args.quick
+                else [*TRAINER_CONFIGS.keys() - {"trainer:ssam@5"}, *LOOP_CONFIGS, *GA_CONFIGS]
+            )
             configs = sorted(configs, key=lambda c: (list(ALL_CONFIGS) + list(GA_CONFIGS)).index(c))
             memory = measure_memory(model_name, configs, args.quick, args.memory_steps)
             pbytes = memory[0]["param_bytes"]
             ref = {m["config"]: m["peak_bytes"] for m in memory}
             for m in memory:
-                base_cfg = "trainer:plain+ga2" if m["config"].endswith("+ga2") else (
-                    "loop:plain" if m["config"].startswith("loop:") else "trainer:plain")
+                base_cfg = (
+                    "trainer:plain+ga2"
+                    if m["config"].endswith("+ga2")
+                    else ("loop:plain" if m["config"].startswith("loop:") else "trainer:plain")
+                )
                 m["extra_mib"] = (m["peak_bytes"] - ref.get(base_cfg, m["peak_bytes"])) / 2**20
                 m["extra_x_param_bytes"] = (m["peak_bytes"] - ref.get(base_cfg, m["peak_bytes"])) / pbytes
                 m["peak_mib"] = m["peak_bytes"] / 2**20
@@ -748,11 +835,30 @@ def main(argv: list[str] | None = None) -> int:
 
     env = _common.environment()
     print("\n" + " ".join(f"{k}={v}" for k, v in env.items()))
-    print("\n" + _common.format_table(all_rows, ["model", "config", "median_ms", "p10_ms", "p90_ms", "wall_median_ms",
-                                                 "steps", "vs_plain", "vs_plain_ci95"]))
+    print(
+        "\n"
+        + _common.format_table(
+            all_rows,
+            [
+                "model",
+                "config",
+                "median_ms",
+                "p10_ms",
+                "p90_ms",
+                "wall_median_ms",
+                "steps",
+                "vs_plain",
+                "vs_plain_ci95",
+            ],
+        )
+    )
     if all_memory:
-        print("\n" + _common.format_table(all_memory, ["model", "config", "peak_mib", "reference", "extra_mib",
-                                                       "extra_x_param_bytes"]))
+        print(
+            "\n"
+            + _common.format_table(
+                all_memory, ["model", "config", "peak_mib", "reference", "extra_mib", "extra_x_param_bytes"]
+            )
+        )
     print()
     for c in all_checks:
         note = f"  ({c['note']})" if c["note"] else ""
@@ -764,9 +870,11 @@ def main(argv: list[str] | None = None) -> int:
     _common.write_csv(out / "checks.csv", all_checks)
     _common.write_csv(out / "steps.csv", all_steps)
     if all_memory:
-        _common.write_csv(out / "memory.csv", all_memory,
-                          ["model", "config", "peak_mib", "reference", "extra_mib", "extra_x_param_bytes",
-                           "param_bytes"])
+        _common.write_csv(
+            out / "memory.csv",
+            all_memory,
+            ["model", "config", "peak_mib", "reference", "extra_mib", "extra_x_param_bytes", "param_bytes"],
+        )
     plot(all_rows, out / "step_cost.png")
     written = ", ".join(sorted(p.name for p in out.iterdir() if p.suffix in (".csv", ".png")))
     print(f"\nwrote {written} to {out} in {time.perf_counter() - started:.0f}s")

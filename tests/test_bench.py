@@ -36,12 +36,23 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 class _Run:
     def __init__(self, script: str, out: Path) -> None:
-        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1",
-                   HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", MPLBACKEND="Agg")
+        env = dict(
+            os.environ,
+            OMP_NUM_THREADS="1",
+            MKL_NUM_THREADS="1",
+            HF_HUB_OFFLINE="1",
+            HF_DATASETS_OFFLINE="1",
+            TRANSFORMERS_OFFLINE="1",
+            MPLBACKEND="Agg",
+        )
         self.out = out
         self.proc = subprocess.Popen(
             [sys.executable, str(ROOT / script), "--quick", "--out", str(out)],
-            cwd=out.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            cwd=out.parent,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         self._output: str | None = None
 

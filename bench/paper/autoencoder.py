@@ -107,14 +107,25 @@ def claims(summary: list[dict], steps: int) -> list[str]:
     for opt in ("usam", "sam"):
         values = [m(opt, rho) for rho in RHOS]
         detail = ", ".join(f"rho={rho:g}: {v:.0f}" for rho, v in zip(RHOS, values))
-        lines.append(_common.verdict(all(v > m("sgd", 0) for v in values),
-                                     f"{OPTIMIZERS[opt]} needs more steps than SGD ({m('sgd', 0):.0f}) to escape "
-                                     f"at every rho ({detail})"))
-        lines.append(_common.verdict(all(a < b for a, b in zip(values, values[1:])),
-                                     f"{OPTIMIZERS[opt]} escapes more slowly as rho grows"))
+        lines.append(
+            _common.verdict(
+                all(v > m("sgd", 0) for v in values),
+                f"{OPTIMIZERS[opt]} needs more steps than SGD ({m('sgd', 0):.0f}) to escape at every rho ({detail})",
+            )
+        )
+        lines.append(
+            _common.verdict(
+                all(a < b for a, b in zip(values, values[1:])), f"{OPTIMIZERS[opt]} escapes more slowly as rho grows"
+            )
+        )
     stuck = [OPTIMIZERS[o] for o in ("usam", "sam") if m(o, RHOS[-1]) == float("inf")]
-    lines.append(_common.verdict(bool(stuck), f"at rho={RHOS[-1]:g} SAM or SAM* no longer escapes within {steps} "
-                                              f"steps ({', '.join(stuck) or 'both escape'})"))
+    lines.append(
+        _common.verdict(
+            bool(stuck),
+            f"at rho={RHOS[-1]:g} SAM or SAM* no longer escapes within {steps} "
+            f"steps ({', '.join(stuck) or 'both escape'})",
+        )
+    )
     ok = all(m("ssam", rho) < min(m("usam", rho), m("sam", rho)) for rho in RHOS)
     detail = ", ".join(f"rho={rho:g}: {m('ssam', rho):.0f}" for rho in RHOS)
     lines.append(_common.verdict(ok, f"SSAM escapes faster than SAM and SAM* at every rho ({detail})"))
@@ -128,8 +139,11 @@ def plot(curves: list[dict], path: Path, seed: int) -> None:
     styles = {"sgd": ("k", "-"), "sam": ("tab:orange", "--"), "usam": ("tab:blue", "-."), "ssam": ("tab:green", "-")}
     for ax, rho in zip(axes, RHOS):
         for opt, label in OPTIMIZERS.items():
-            pts = [(r["step"], r["loss"]) for r in curves
-                   if r["optimizer"] == opt and r["seed"] == seed and r["rho"] == (0.0 if opt == "sgd" else rho)]
+            pts = [
+                (r["step"], r["loss"])
+                for r in curves
+                if r["optimizer"] == opt and r["seed"] == seed and r["rho"] == (0.0 if opt == "sgd" else rho)
+            ]
             color, ls = styles[opt]
             ax.plot([p[0] / (N_SAMPLES // BATCH) for p in pts], [p[1] for p in pts], ls, color=color, label=label)
         ax.set_yscale("log")
@@ -156,15 +170,20 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     curves, summary = [], []
     for opt in OPTIMIZERS:
-        for rho in (RHOS if opt != "sgd" else (0.0,)):
+        for rho in RHOS if opt != "sgd" else (0.0,):
             escapes = []
             for seed in range(seeds):
                 curve, escaped = run(opt, rho, seed, steps)
                 curves += [{"optimizer": opt, "rho": rho, "seed": seed, "step": s, "loss": v} for s, v in curve]
                 escapes.append(float("inf") if escaped is None else float(escaped))
-            row = {"optimizer": opt, "rho": rho, "median_escape_step": statistics.median(escapes),
-                   "escaped_runs": sum(e != float("inf") for e in escapes), "runs": seeds,
-                   "escape_steps": " ".join("never" if e == float("inf") else f"{e:.0f}" for e in escapes)}
+            row = {
+                "optimizer": opt,
+                "rho": rho,
+                "median_escape_step": statistics.median(escapes),
+                "escaped_runs": sum(e != float("inf") for e in escapes),
+                "runs": seeds,
+                "escape_steps": " ".join("never" if e == float("inf") else f"{e:.0f}" for e in escapes),
+            }
             summary.append(row)
             print(f"  {opt:5s} rho={rho:<5g} escape steps {row['escape_steps']}", flush=True)
     _common.write_csv(args.out / "autoencoder.csv", curves)
@@ -174,8 +193,10 @@ def main(argv: list[str] | None = None) -> int:
     print(_common.format_table(summary, ["optimizer", "rho", "median_escape_step", "escaped_runs", "runs"], ".4g"))
     print()
     _common.print_lines(claims(summary, steps))
-    print(f"\nwrote {args.out / 'autoencoder.csv'}, autoencoder_escape.csv and autoencoder.png "
-          f"in {time.perf_counter() - started:.0f}s")
+    print(
+        f"\nwrote {args.out / 'autoencoder.csv'}, autoencoder_escape.csv and autoencoder.png "
+        f"in {time.perf_counter() - started:.0f}s"
+    )
     return 0
 
 

@@ -87,9 +87,15 @@ def run(rho: float, epochs: int, max_steps: int, seed: int, output_dir: str, sch
     trainer.remove_callback(PrinterCallback)
     trainer.train()
     return [
-        {"rho": rho, "step": entry["step"], "gamma": entry["sam/gamma"], "loss": entry.get("loss"),
-         "grad_norm": entry.get("sam/grad_norm"), "ascent_grad_norm": entry.get("sam/ascent_grad_norm"),
-         "ascent_loss": entry.get("sam/ascent_loss")}
+        {
+            "rho": rho,
+            "step": entry["step"],
+            "gamma": entry["sam/gamma"],
+            "loss": entry.get("loss"),
+            "grad_norm": entry.get("sam/grad_norm"),
+            "ascent_grad_norm": entry.get("sam/ascent_grad_norm"),
+            "ascent_loss": entry.get("sam/ascent_loss"),
+        }
         for entry in trainer.state.log_history
         if "sam/gamma" in entry
     ]
@@ -103,12 +109,22 @@ def claims(rows: list[dict[str, Any]]) -> list[str]:
         fifth = max(1, len(gammas) // 5)
         below.append((rho, sum(g < 1 for g in gammas) / len(gammas)))
         decrease.append((rho, statistics.fmean(gammas[:fifth]), statistics.fmean(gammas[-fifth:])))
-    lines.append(_common.verdict(all(frac >= 0.9 for _, frac in below),
-                                 "gamma < 1 on at least 90% of the steps ("
-                                 + ", ".join(f"rho={rho:g}: {100 * frac:.0f}%" for rho, frac in below) + ")"))
-    lines.append(_common.verdict(all(last < first for _, first, last in decrease),
-                                 "gamma decreases over training (mean of the first fifth -> last fifth: "
-                                 + ", ".join(f"rho={rho:g}: {a:.3f} -> {b:.3f}" for rho, a, b in decrease) + ")"))
+    lines.append(
+        _common.verdict(
+            all(frac >= 0.9 for _, frac in below),
+            "gamma < 1 on at least 90% of the steps ("
+            + ", ".join(f"rho={rho:g}: {100 * frac:.0f}%" for rho, frac in below)
+            + ")",
+        )
+    )
+    lines.append(
+        _common.verdict(
+            all(last < first for _, first, last in decrease),
+            "gamma decreases over training (mean of the first fifth -> last fifth: "
+            + ", ".join(f"rho={rho:g}: {a:.3f} -> {b:.3f}" for rho, a, b in decrease)
+            + ")",
+        )
+    )
     return lines
 
 
@@ -153,8 +169,11 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             rows += run(rho, epochs, max_steps, args.seed, tmp, args.lr_scheduler)
             gammas = [r["gamma"] for r in rows if r["rho"] == rho]
-            print(f"  rho={rho:<5g} {len(gammas)} steps, gamma median {statistics.median(gammas):.3f} "
-                  f"min {min(gammas):.3f} max {max(gammas):.3f} ({time.perf_counter() - t0:.0f}s)", flush=True)
+            print(
+                f"  rho={rho:<5g} {len(gammas)} steps, gamma median {statistics.median(gammas):.3f} "
+                f"min {min(gammas):.3f} max {max(gammas):.3f} ({time.perf_counter() - t0:.0f}s)",
+                flush=True,
+            )
     _common.write_csv(args.out / "gamma_trace.csv", rows)
     plot(rows, args.out / "gamma_trace.png", steps_per_epoch=-(-1797 // 128))
     print()

@@ -98,22 +98,40 @@ def claims(rows: list[dict]) -> list[str]:
     low, high = lrs[0], lrs[len(lrs) // 2 :]
     lines = []
     ok = loss("sgd", low) < loss("usam", low) < loss("ssam", low)
-    lines.append(_common.verdict(ok, f"at the smallest lr ({low:.3g}) SGD has the lowest loss and SAM beats SSAM "
-                                     f"(sgd {loss('sgd', low):.3g}, usam {loss('usam', low):.3g}, "
-                                     f"ssam {loss('ssam', low):.3g})"))
-    lines.append(_common.verdict(bool(fails("usam")) and fails("usam")[-1] == lrs[-1],
-                                 f"SAM (usam) fails at large lr (fails at lr {_fmt(fails('usam'))})"))
+    lines.append(
+        _common.verdict(
+            ok,
+            f"at the smallest lr ({low:.3g}) SGD has the lowest loss and SAM beats SSAM "
+            f"(sgd {loss('sgd', low):.3g}, usam {loss('usam', low):.3g}, "
+            f"ssam {loss('ssam', low):.3g})",
+        )
+    )
+    lines.append(
+        _common.verdict(
+            bool(fails("usam")) and fails("usam")[-1] == lrs[-1],
+            f"SAM (usam) fails at large lr (fails at lr {_fmt(fails('usam'))})",
+        )
+    )
 
     def mean_log_loss(opt: str) -> float:
         return statistics.fmean(math.log10(min(loss(opt, lr), 1e6)) for lr in high)
 
     ok = mean_log_loss("ssam") < mean_log_loss("usam") and len(fails("ssam")) <= len(fails("usam"))
-    lines.append(_common.verdict(ok, f"SSAM is more stable than SAM: lower loss over lr >= {high[0]:.3g} "
-                                     f"(geometric mean {10 ** mean_log_loss('ssam'):.3g} vs "
-                                     f"{10 ** mean_log_loss('usam'):.3g}) and no more failures "
-                                     f"(ssam fails at lr {_fmt(fails('ssam'))})"))
-    lines.append(_common.verdict(len(fails("sam")) >= len(fails("usam")),
-                                 f"SAM* is still more unstable than SAM (sam fails at lr {_fmt(fails('sam'))})"))
+    lines.append(
+        _common.verdict(
+            ok,
+            f"SSAM is more stable than SAM: lower loss over lr >= {high[0]:.3g} "
+            f"(geometric mean {10 ** mean_log_loss('ssam'):.3g} vs "
+            f"{10 ** mean_log_loss('usam'):.3g}) and no more failures "
+            f"(ssam fails at lr {_fmt(fails('ssam'))})",
+        )
+    )
+    lines.append(
+        _common.verdict(
+            len(fails("sam")) >= len(fails("usam")),
+            f"SAM* is still more unstable than SAM (sam fails at lr {_fmt(fails('sam'))})",
+        )
+    )
     return lines
 
 
@@ -128,8 +146,16 @@ def aggregate(runs: list[dict]) -> list[dict]:
     for opt, lr in keys:
         sub = [r for r in runs if r["optimizer"] == opt and r["lr"] == lr]
         losses = [r["loss"] if math.isfinite(r["loss"]) else float("inf") for r in sub]
-        out.append({"optimizer": opt, "rho": 0.0 if opt == "sgd" else RHO, "lr": lr, "seeds": len(sub),
-                     "loss": statistics.fmean(losses), "accuracy": statistics.fmean(r["accuracy"] for r in sub)})
+        out.append(
+            {
+                "optimizer": opt,
+                "rho": 0.0 if opt == "sgd" else RHO,
+                "lr": lr,
+                "seeds": len(sub),
+                "loss": statistics.fmean(losses),
+                "accuracy": statistics.fmean(r["accuracy"] for r in sub),
+            }
+        )
     return out
 
 
@@ -137,8 +163,12 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.4))
-    styles = {"sgd": ("k", "o-"), "sam": ("tab:orange", "s--"), "usam": ("tab:blue", "^-."),
-              "ssam": ("tab:green", "D-")}
+    styles = {
+        "sgd": ("k", "o-"),
+        "sam": ("tab:orange", "s--"),
+        "usam": ("tab:blue", "^-."),
+        "ssam": ("tab:green", "D-"),
+    }
     for opt, label in OPTIMIZERS.items():
         sub = sorted((r for r in rows if r["optimizer"] == opt), key=lambda r: r["lr"])
         color, style = styles[opt]
@@ -177,8 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     data = _common.digits()
     started = time.perf_counter()
     runs = []
-    print(f"{len(lrs)} lrs in [{lrs[0]:.3g}, {lrs[-1]:.3g}], {epochs} epochs, {seeds} seed(s), rho={RHO:g}",
-          flush=True)
+    print(
+        f"{len(lrs)} lrs in [{lrs[0]:.3g}, {lrs[-1]:.3g}], {epochs} epochs, {seeds} seed(s), rho={RHO:g}", flush=True
+    )
     for opt in OPTIMIZERS:
         t0 = time.perf_counter()
         for lr in lrs:

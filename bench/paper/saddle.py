@@ -120,7 +120,7 @@ def _relative_deviation(a: torch.Tensor, b: torch.Tensor) -> float:
 def cross_check(steps: int = 60, starts: int = 3) -> float:
     """Replay a few runs through ``SSAMOptimizer`` one by one; returns the largest deviation from ``run_rows``."""
     gen = torch.Generator().manual_seed(123)
-    x0 = (torch.rand(starts, 2, generator=gen, dtype=torch.float64) * 4 - 2)
+    x0 = torch.rand(starts, 2, generator=gen, dtype=torch.float64) * 4 - 2
     lr_value = 0.05
     lr = torch.full((starts, 1), lr_value, dtype=torch.float64)
     budgets = torch.full((starts,), steps)
@@ -156,7 +156,7 @@ def sweep(lrs: list[float], n_starts: int, horizon: float, seed: int, dtype: tor
     minima = MINIMA.to(dtype)
     rows = []
     for variant in OPTIMIZERS:
-        for rho in (RHOS if variant != "sgd" else (0.0,)):
+        for rho in RHOS if variant != "sgd" else (0.0,):
             noise_gen = torch.Generator().manual_seed(seed + 1)  # the same noise for every optimizer
 
             def noise(t: int, n: int, gen: torch.Generator = noise_gen) -> torch.Tensor:
@@ -169,25 +169,31 @@ def sweep(lrs: list[float], n_starts: int, horizon: float, seed: int, dtype: tor
             stuck = (torch.linalg.vector_norm(final, dim=1) < 0.1).view(len(lrs_sorted), n_starts)
             diverged = (~torch.isfinite(final).all(dim=1)).view(len(lrs_sorted), n_starts)
             for j, value in enumerate(lrs_sorted):
-                rows.append({
-                    "optimizer": variant,
-                    "rho": rho,
-                    "lr": value,
-                    "steps": per_lr_budget[j],
-                    "success_pct": 100.0 * success[j].double().mean().item(),
-                    "near_saddle_pct": 100.0 * stuck[j].double().mean().item(),
-                    "diverged_pct": 100.0 * diverged[j].double().mean().item(),
-                })
-            print(f"  {variant:5s} rho={rho:<5g} mean success {100 * success.double().mean().item():5.1f}% "
-                  f"({time.perf_counter() - started:.1f}s)", flush=True)
+                rows.append(
+                    {
+                        "optimizer": variant,
+                        "rho": rho,
+                        "lr": value,
+                        "steps": per_lr_budget[j],
+                        "success_pct": 100.0 * success[j].double().mean().item(),
+                        "near_saddle_pct": 100.0 * stuck[j].double().mean().item(),
+                        "diverged_pct": 100.0 * diverged[j].double().mean().item(),
+                    }
+                )
+            print(
+                f"  {variant:5s} rho={rho:<5g} mean success {100 * success.double().mean().item():5.1f}% "
+                f"({time.perf_counter() - started:.1f}s)",
+                flush=True,
+            )
     return rows
 
 
 def claims(rows: list[dict]) -> list[str]:
     def curve(opt: str, rho: float) -> list[float]:
         rho = 0.0 if opt == "sgd" else rho
-        return [r["success_pct"] for r in sorted(rows, key=lambda r: r["lr"]) if r["optimizer"] == opt
-                and r["rho"] == rho]
+        return [
+            r["success_pct"] for r in sorted(rows, key=lambda r: r["lr"]) if r["optimizer"] == opt and r["rho"] == rho
+        ]
 
     def mean(v: list[float]) -> float:
         return sum(v) / len(v)
@@ -220,8 +226,10 @@ def plot(rows: list[dict], path: Path) -> None:
     styles = {"sgd": ("k", "-"), "sam": ("tab:orange", "--"), "usam": ("tab:blue", "-."), "ssam": ("tab:green", "-")}
     for ax, rho in zip(axes, RHOS):
         for opt, label in OPTIMIZERS.items():
-            sub = sorted((r for r in rows if r["optimizer"] == opt and r["rho"] == (0.0 if opt == "sgd" else rho)),
-                         key=lambda r: r["lr"])
+            sub = sorted(
+                (r for r in rows if r["optimizer"] == opt and r["rho"] == (0.0 if opt == "sgd" else rho)),
+                key=lambda r: r["lr"],
+            )
             color, ls = styles[opt]
             ax.plot([r["lr"] for r in sub], [r["success_pct"] for r in sub], ls, color=color, label=label, lw=1.6)
         ax.set_xscale("log")
@@ -258,8 +266,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
     lrs = _common.log_space(1e-3, 0.3, n_lrs)
-    print(f"{n_lrs} lrs in [1e-3, 0.3] x {n_starts} starts, steps = ceil({horizon:g}/lr) "
-          f"({math.ceil(horizon / lrs[0])} at lr=1e-3), noise var {NOISE_VAR}", flush=True)
+    print(
+        f"{n_lrs} lrs in [1e-3, 0.3] x {n_starts} starts, steps = ceil({horizon:g}/lr) "
+        f"({math.ceil(horizon / lrs[0])} at lr=1e-3), noise var {NOISE_VAR}",
+        flush=True,
+    )
     rows = sweep(lrs, n_starts, horizon, args.seed, torch.float32)
     _common.write_csv(args.out / "saddle.csv", rows)
     plot(rows, args.out / "saddle.png")
