@@ -118,7 +118,9 @@ class SSAMTrainer(Trainer):
                 F.ascend(
                     with_grad, grads, scale, variant=args.sam_variant, asam_eta=args.sam_asam_eta, overwrite_grads=True
                 )  # w + e
-            torch._foreach_zero_(grads)  # reuse the buffers for g_asc
+            for p in with_grad:
+                p.grad = None  # g is no longer needed: free it before the second pass (peak memory)
+            del grads
 
         if rng is not None:
             rng.restore()  # same dropout masks in both passes
