@@ -6,38 +6,9 @@ from dataclasses import dataclass, field, fields
 
 from transformers import TrainingArguments
 
-from .functional import VARIANTS
+from .variants import NO_SAM, VARIANT_CHOICES, check_sam_config
 
-__all__ = ["NO_SAM", "SSAMTrainingArguments", "VARIANT_CHOICES", "check_sam_config"]
-
-#: ``sam_variant`` value for plain single-pass training (for A/B runs from one script).
-NO_SAM = "none"
-#: Every accepted ``sam_variant``.
-VARIANT_CHOICES: tuple[str, ...] = (*VARIANTS, NO_SAM)
-
-
-def check_sam_config(
-    variant: str, rho: float, renormalize: bool | None, asam_eta: float, *, prefix: str = "sam_"
-) -> None:
-    """Raise a ``ValueError`` naming the field, the value and the allowed values for a bad setting.
-
-    Shared by `SSAMTrainingArguments` (``prefix="sam_"``) and `SSAMOptimizer`
-    (``prefix=""``), so both refuse exactly the same inputs.
-    """
-    if variant not in VARIANT_CHOICES:
-        raise ValueError(f"{prefix}variant={variant!r} is not supported; choose one of {list(VARIANT_CHOICES)}.")
-    if not isinstance(rho, (int, float)) or not rho >= 0 or rho == float("inf"):
-        raise ValueError(f"{prefix}rho={rho!r} is invalid; it must be a finite number >= 0.")
-    if renormalize not in (None, True, False):
-        raise ValueError(f"{prefix}renormalize={renormalize!r} is invalid; choose one of [None, True, False].")
-    if variant == "ssam" and renormalize is False:
-        raise ValueError(
-            f"{prefix}renormalize=False contradicts {prefix}variant='ssam' (SSAM is usam + renormalization); "
-            f"use {prefix}variant='usam' for the unnormalized perturbation without renormalization, "
-            f"or {prefix}renormalize=None/True."
-        )
-    if not isinstance(asam_eta, (int, float)) or not asam_eta >= 0 or asam_eta == float("inf"):
-        raise ValueError(f"{prefix}asam_eta={asam_eta!r} is invalid; it must be a finite number >= 0.")
+__all__ = ["SSAMTrainingArguments"]
 
 
 @dataclass

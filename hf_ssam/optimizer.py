@@ -9,8 +9,8 @@ import torch
 from torch import Tensor
 
 from . import functional as F
-from .arguments import NO_SAM, check_sam_config
 from .passes import RNGState
+from .variants import NO_SAM, check_sam_config
 
 __all__ = ["SSAMOptimizer"]
 
