@@ -74,7 +74,8 @@ class SSAMOptimizer(torch.optim.Optimizer):
         self._backup: dict[Tensor, Tensor] = {}  # saved w, one buffer per parameter, reused every step
         self._perturbed: list[Tensor] = []
         self._grad_norm: Tensor | None = None
-        self.last_metrics: dict[str, float] = {}
+        self._skipped = False
+        self._last: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
 
     def _link_base(self) -> None:
         """Share param groups and state with the base optimizer (one truth for schedulers and checkpoints)."""
@@ -134,28 +135,34 @@ class SSAMOptimizer(torch.optim.Optimizer):
         if self._perturbed:
             F.restore_(self._perturbed, [self._backup[p] for p in self._perturbed])  # w, exactly
             self._perturbed.clear()
-        ascent_grads = [p.grad for g in self.param_groups for p in self._params_with_grad(g)]
-        ascent_grad_norm = F.global_norm(ascent_grads)  # ‖g_asc‖
+        group_grads = [(g, [p.grad for p in self._params_with_grad(g)]) for g in self.param_groups]
+        ascent_grad_norm = F.global_norm([t for _, gs in group_grads for t in gs])  # ‖g_asc‖
         gamma, rescale_skipped = F.renormalization_factor(self._grad_norm, ascent_grad_norm)  # γ = ‖g‖/‖g_asc‖
         renormalized = False
-        for group in self.param_groups:
+        for group, grads in group_grads:
             if F.uses_renormalization(group["variant"], group["renormalize"]):
                 renormalized = True
-                F.rescale_(self._params_grads(group), gamma)  # g_asc ← γ·g_asc
+                F.rescale_(grads, gamma)  # g_asc ← γ·g_asc
         self.base_optimizer.step()
         self._opt_called = True  # second_step is this optimizer's step for LR schedulers' order check
-        self.last_metrics = {
-            "grad_norm": float(self._grad_norm),
-            "ascent_grad_norm": float(ascent_grad_norm),
-            "gamma": float(gamma),
-            "skipped": float(self._skipped or (renormalized and bool(rescale_skipped))),
-        }
+        skipped = rescale_skipped if renormalized else torch.zeros((), dtype=torch.bool)
+        self._last = (self._grad_norm, ascent_grad_norm, gamma, skipped | self._skipped)  # tensors: no host sync
         self._grad_norm = None
         if zero_grad:
             self.zero_grad()
 
-    def _params_grads(self, group: dict[str, Any]) -> list[Tensor]:
-        return [p.grad for p in self._params_with_grad(group)]
+    @property
+    def last_metrics(self) -> dict[str, float]:
+        """‖g‖, ‖g_asc‖, γ and whether the perturbation or rescale was skipped, for the last step (read on demand)."""
+        if self._last is None:
+            return {}
+        grad_norm, ascent_grad_norm, gamma, skipped = self._last
+        return {
+            "grad_norm": float(grad_norm),
+            "ascent_grad_norm": float(ascent_grad_norm),
+            "gamma": float(gamma),
+            "skipped": float(skipped),
+        }
 
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor:  # type: ignore[override]
         """A whole SAM step. `closure` runs forward + backward on one batch and returns the loss at `w`.
