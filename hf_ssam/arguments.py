@@ -1,38 +1,109 @@
-"""`SSAMTrainingArguments`: `TrainingArguments` plus the SAM-family knobs."""
+"""The `sam_*` arguments: `SSAMTrainingArguments`, and `sam_arguments` for any `TrainingArguments` subclass."""
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from dataclasses import dataclass, field, fields
+from typing import Any, TypeVar
 
 from transformers import TrainingArguments
 
 from .variants import NO_SAM, VARIANT_CHOICES, check_sam_config
 
-__all__ = ["SSAMTrainingArguments"]
+__all__ = ["SSAMTrainingArguments", "sam_arguments"]
+
+_ArgsT = TypeVar("_ArgsT", bound=TrainingArguments)
+
+
+class _SAMArgumentsMixin:
+    """The validation shared by every class `sam_arguments` makes (placed before the `TrainingArguments` class)."""
+
+    sam_variant: str
+    sam_rho: float
+    sam_renormalize: bool | None
+    sam_asam_eta: float
+    sam_sync_ascent: bool
+    sam_interval: int
+    sam_replay_rng: bool
+
+    def __post_init__(self) -> None:
+        # DeepSpeed first: TrainingArguments would otherwise fail on a missing `deepspeed` package before this check.
+        if self.deepspeed and self.sam_variant != NO_SAM:
+            raise ValueError(
+                f"deepspeed={self.deepspeed!r} is not supported with sam_variant={self.sam_variant!r}: DeepSpeed "
+                "steps its engine inside backward(), which breaks the two-pass step. Supported: single process, DDP "
+                "(accelerate launch / torchrun). Use sam_variant='none' to train with DeepSpeed without SAM."
+            )
+        super().__post_init__()
+        self.check_sam_settings()
+
+    def check_sam_settings(self) -> None:
+        """Validate the `sam_*` fields; raises a `ValueError` naming the field, the value and what is allowed.
+
+        Runs at construction and again when training starts, so values set afterwards (by a hyperparameter
+        search or by hand) get the same checks. Numbers given as strings (YAML reads `5e-2` as a string) are
+        converted.
+        """
+        for name in ("sam_rho", "sam_asam_eta"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                try:
+                    setattr(self, name, float(value))
+                except ValueError:
+                    raise ValueError(f"{name}={value!r} is invalid; it must be a finite number >= 0.") from None
+        check_sam_config(self.sam_variant, self.sam_rho, self.sam_renormalize, self.sam_asam_eta)
+        if isinstance(self.sam_interval, bool) or not isinstance(self.sam_interval, int) or self.sam_interval < 1:
+            raise ValueError(f"sam_interval={self.sam_interval!r} is invalid; it must be an integer >= 1.")
+        if self.fsdp and self.sam_variant != NO_SAM:
+            raise ValueError(
+                f"fsdp={self.fsdp!r} is not supported with sam_variant={self.sam_variant!r}: the two-pass step is "
+                "implemented for unsharded parameters. Supported: single process, DDP (accelerate launch / torchrun)."
+            )
+
+    @property
+    def sam_enabled(self) -> bool:
+        """Whether the two-pass step runs at all (`sam_variant != "none"`)."""
+        return self.sam_variant != NO_SAM
+
+    @classmethod
+    def from_training_arguments(cls, args: TrainingArguments, **sam_kwargs: Any) -> Any:
+        """Promote `args` (an instance of this class's base) to this class; SAM fields at their defaults."""
+        values = {f.name: getattr(args, f.name) for f in fields(args) if f.init}
+        return cls(**values, **sam_kwargs)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Classes made by `sam_arguments` are not module attributes: pickle (checkpoints' training_args.bin)
+        # rebuilds them from their base class instead.
+        return (_rebuild, (_base_of(type(self)), self.__dict__.copy()))
 
 
 @dataclass
-class SSAMTrainingArguments(TrainingArguments):
+class SSAMTrainingArguments(_SAMArgumentsMixin, TrainingArguments):
     r"""
     `transformers.TrainingArguments` plus the arguments of a SAM-family step. Every field can be set from the
-    command line and from YAML through `transformers.HfArgumentParser`.
+    command line and from YAML through `transformers.HfArgumentParser`. `sam_arguments(cls)` adds the same
+    fields to any other `TrainingArguments` subclass (`SFTConfig`, `Seq2SeqTrainingArguments`, ...).
 
     Parameters:
         sam_variant (`str`, *optional*, defaults to `"ssam"`):
             The perturbation and rescale applied each step. `"ssam"`: SSAM (unnormalized perturbation
-            `e = ρ·g`, then the descent gradient is rescaled to `‖g‖`); `"sam"`: SAM* of Foret et al.
+            `e = ρ·g`, then `g_asc` is rescaled to `‖g‖`); `"sam"`: SAM* of Foret et al.
             (`e = ρ·g/‖g‖`); `"usam"`: unnormalized SAM (`e = ρ·g`); `"asam"`: adaptive SAM
             (`e = ρ·T²g/‖Tg‖`, `T = |w| + η`); `"none"`: plain single-pass training.
         sam_rho (`float`, *optional*, defaults to `0.05`):
-            Radius ρ of the perturbation, `>= 0`. `0` reproduces the base optimizer exactly.
+            Radius ρ of the perturbation, `>= 0`. `0` reproduces the base optimizer exactly. `g` is the gradient of
+            one micro-batch's own mean loss (per token when the Trainer normalizes by tokens), so ρ means the same
+            whatever the accumulation steps, the token counts and the number of processes.
         sam_renormalize (`bool` or `None`, *optional*, defaults to `None`):
-            Rescale the descent gradient by `γ = ‖g‖/‖g_asc‖`. `None`: on for `"ssam"`, off otherwise. `True` adds
-            it to `"sam"`, `"usam"` or `"asam"`; `False` with `"ssam"` is an error.
+            Rescale `g_asc` to `‖g‖` (`sam/grad_norm`), i.e. multiply it by `γ = ‖g‖/‖g_asc‖`. `None` (leave it
+            unset): on for `"ssam"`, off otherwise. `True` adds it to `"sam"`, `"usam"` or `"asam"`; `False` with
+            `"ssam"` is an error.
         sam_asam_eta (`float`, *optional*, defaults to `0.01`):
             ASAM's η in `T = |w| + η`, `>= 0`. Only used by `"asam"`.
         sam_sync_ascent (`bool`, *optional*, defaults to `False`):
             With several processes: `False` perturbs each replica with its own local gradient (m-sharpness, no
-            communication in the ascent pass); `True` all-reduces the ascent gradient so that every replica
+            communication in the first pass); `True` all-reduces the first-pass gradient so that every replica
             perturbs with the global-batch gradient (same result as one process with the global batch).
         sam_interval (`int`, *optional*, defaults to `1`):
             Run the two-pass step every `sam_interval` optimizer steps and plain single-pass steps in between
@@ -54,15 +125,15 @@ class SSAMTrainingArguments(TrainingArguments):
     sam_renormalize: bool | None = field(
         default=None,
         metadata={
-            "help": "Rescale the descent gradient to the norm of the ascent gradient. Default: on for ssam only.",
-            "choices": [None, True, False],
+            "help": "Rescale g_asc to ||g|| (sam/grad_norm). Leave unset for the default: on for ssam only.",
+            "choices": [True, False],
         },
     )
     sam_asam_eta: float = field(default=0.01, metadata={"help": "ASAM's eta in T = |w| + eta (>= 0)."})
     sam_sync_ascent: bool = field(
         default=False,
         metadata={
-            "help": "Multi-process: all-reduce the ascent gradient (global-batch perturbation) instead of "
+            "help": "Multi-process: all-reduce the first-pass gradient g (global-batch perturbation) instead of "
             "perturbing each replica with its local gradient."
         },
     )
@@ -75,31 +146,59 @@ class SSAMTrainingArguments(TrainingArguments):
         metadata={"help": "Replay the RNG in the second pass so both passes see the same dropout masks."},
     )
 
-    def __post_init__(self) -> None:
-        # DeepSpeed first: TrainingArguments would otherwise fail on a missing `deepspeed` package before this check.
-        if self.deepspeed and self.sam_variant != NO_SAM:
-            raise ValueError(
-                f"deepspeed={self.deepspeed!r} is not supported with sam_variant={self.sam_variant!r}: DeepSpeed "
-                "steps its engine inside backward(), which breaks the two-pass step. Supported: single process, DDP "
-                "(accelerate launch / torchrun). Use sam_variant='none' to train with DeepSpeed without SAM."
-            )
-        super().__post_init__()
-        check_sam_config(self.sam_variant, self.sam_rho, self.sam_renormalize, self.sam_asam_eta)
-        if isinstance(self.sam_interval, bool) or not isinstance(self.sam_interval, int) or self.sam_interval < 1:
-            raise ValueError(f"sam_interval={self.sam_interval!r} is invalid; it must be an integer >= 1.")
-        if self.fsdp and self.sam_variant != NO_SAM:
-            raise ValueError(
-                f"fsdp={self.fsdp!r} is not supported with sam_variant={self.sam_variant!r}: the two-pass step is "
-                "implemented for unsharded parameters. Supported: single process, DDP (accelerate launch / torchrun)."
-            )
 
-    @property
-    def sam_enabled(self) -> bool:
-        """Whether the two-pass step runs at all (`sam_variant != "none"`)."""
-        return self.sam_variant != NO_SAM
+_MADE: dict[type, type] = {TrainingArguments: SSAMTrainingArguments}
 
-    @classmethod
-    def from_training_arguments(cls, args: TrainingArguments, **sam_kwargs) -> SSAMTrainingArguments:
-        """Promote a plain `TrainingArguments` to `SSAMTrainingArguments` (SAM fields at their defaults)."""
-        values = {f.name: getattr(args, f.name) for f in fields(TrainingArguments) if f.init}
-        return cls(**values, **sam_kwargs)
+
+def sam_arguments(args_cls: type[_ArgsT]) -> type[_ArgsT]:
+    """`args_cls` plus every `sam_*` field of `SSAMTrainingArguments` (help, choices and validation included).
+
+    ```python
+    from trl import SFTConfig
+    SSAMSFTConfig = sam_arguments(SFTConfig)
+    args = SSAMSFTConfig(output_dir="out", sam_rho=0.05)
+    ```
+
+    The result is a dataclass subclass of `args_cls`, parseable by `HfArgumentParser`; the same input class always
+    gives the same class, named `"SSAM" + args_cls.__name__`. A class that already has the fields is returned as is.
+    """
+    if not (isinstance(args_cls, type) and issubclass(args_cls, TrainingArguments)):
+        raise TypeError(f"sam_arguments() takes a TrainingArguments subclass, got {args_cls!r}.")
+    if issubclass(args_cls, _SAMArgumentsMixin):
+        return args_cls
+    made = _MADE.get(args_cls)
+    if made is None:
+        hints = typing.get_type_hints(SSAMTrainingArguments)
+        sam_fields = [
+            (f.name, hints[f.name], field(default=f.default, metadata=dict(f.metadata)))
+            for f in fields(SSAMTrainingArguments)
+            if f.name.startswith("sam_")
+        ]
+        base_doc = (args_cls.__doc__ or "").rstrip()
+        sam_doc = SSAMTrainingArguments.__doc__[SSAMTrainingArguments.__doc__.index("    Parameters:") :]
+        made = dataclasses.make_dataclass(
+            f"SSAM{args_cls.__name__}",
+            sam_fields,
+            bases=(_SAMArgumentsMixin, args_cls),
+            namespace={
+                "__doc__": f"{base_doc}\n\n    With the SAM-family arguments of `hf_ssam`:\n{sam_doc}",
+                "__module__": __name__,
+            },
+        )
+        _MADE[args_cls] = made
+    return made
+
+
+def _base_of(cls: type) -> type:
+    """The `TrainingArguments` class that `sam_arguments` extended to make `cls`."""
+    for base, made in _MADE.items():
+        if made is cls:
+            return base
+    return cls  # a user's own subclass of a made class: pickled by reference
+
+
+def _rebuild(base: type, state: dict[str, Any]) -> Any:
+    cls = sam_arguments(base) if issubclass(base, TrainingArguments) else base
+    obj = cls.__new__(cls)
+    obj.__dict__.update(state)
+    return obj

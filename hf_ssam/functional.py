@@ -72,7 +72,7 @@ def perturbation_scale(
     """
     kind = PERTURBATIONS[variant]
     if kind == "usam":
-        return torch.full_like(grad_norm, rho * grad_unscale)  # e = ρ·g
+        return torch.full_like(grad_norm, rho) * grad_unscale  # e = ρ·g
     if kind == "sam":
         return rho / grad_norm  # e = ρ·g/‖g‖
     t_g = torch._foreach_abs(params)  # T = |w| + η

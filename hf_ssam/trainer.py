@@ -9,7 +9,8 @@ clipping, the base optimizer's step, the scheduler, logging and checkpoints stay
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import os
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -18,6 +19,7 @@ from transformers import Trainer, TrainingArguments
 
 from . import functional as F
 from .arguments import SSAMTrainingArguments
+from .optimizer import SSAMOptimizer
 from .passes import RNGState, batchnorm_modules, freeze_batchnorm_stats
 
 __all__ = ["METRIC_NAMES", "SSAMTrainer"]
@@ -64,6 +66,12 @@ class SSAMTrainer(Trainer):
         elif not isinstance(args, SSAMTrainingArguments):
             args = SSAMTrainingArguments.from_training_arguments(args)
         super().__init__(model, args, *posargs, **kwargs)
+        if isinstance(self.optimizer, SSAMOptimizer):
+            raise ValueError(
+                "optimizers=(SSAMOptimizer(...), ...) is not supported: SSAMTrainer runs the two passes itself and "
+                "takes the *base* optimizer, e.g. optimizers=(torch.optim.SGD(model.parameters(), lr=0.1), None); "
+                "set the SAM settings with the sam_* arguments (sam_variant, sam_rho, ...)."
+            )
         if args.sam_enabled and (self.is_deepspeed_enabled or self.is_fsdp_enabled):
             backend = "DeepSpeed" if self.is_deepspeed_enabled else "FSDP"
             raise ValueError(
@@ -100,8 +108,8 @@ class SSAMTrainer(Trainer):
         with torch.no_grad():
             with_grad = [p for p in params if p.grad is not None]
             grads = [p.grad for p in with_grad]
-            grad_unscale = k / self._loss_scale()  # stored grads = g · loss_scale / k
             grad_norm = F.global_norm(grads)  # ‖g‖ (stored units)
+            grad_unscale = self._grad_unscale(model, inputs, num_items_in_batch, k, grad_norm)  # g = stored · u
             scale = F.perturbation_scale(
                 args.sam_variant,
                 args.sam_rho,
@@ -173,6 +181,45 @@ class SSAMTrainer(Trainer):
             self._sam_bn_cache = (model, batchnorm_modules(model))
         return self._sam_bn_cache[1]
 
+    def _grad_unscale(
+        self, model: nn.Module, inputs: Any, num_items_in_batch: Any, k: int, like: torch.Tensor
+    ) -> torch.Tensor:
+        """The factor ``u`` with ``g = u · stored gradient``, g the gradient of this micro-batch's own mean loss.
+
+        ``g`` is what one process without accumulation computes on the micro-batch, so ρ keeps its meaning.
+        The Trainer stores ``loss_scale · ∇L/k`` for a per-micro-batch mean loss, and
+        ``loss_scale · W · ∇S_i/N`` when it normalizes by tokens (``num_items_in_batch``): ``S_i`` the summed loss
+        of the micro-batch's ``n_i`` items, ``N`` the items of the accumulated batch (of all processes when
+        ``average_tokens_across_devices``, then ``W`` = the number of processes). The items are counted as
+        `Trainer` counts them.
+        """
+        loss_scale = self._loss_scale()
+        scaled_for_ga = getattr(self, "loss_is_scaled_for_ga", None)
+        if scaled_for_ga is None:
+            scaled_for_ga = (
+                self.model_accepts_loss_kwargs and num_items_in_batch is not None
+            ) or self.compute_loss_func is not None
+        if not scaled_for_ga:
+            return like.new_tensor(k / loss_scale)  # stored = loss_scale · g / k
+        n_i = _count_items(inputs, getattr(self, "_loss_shifts_labels", False))
+        if num_items_in_batch is None or n_i is None:
+            return like.new_tensor(1.0 / loss_scale)  # a loss normalized by its own compute_loss: used as is
+        total = torch.as_tensor(num_items_in_batch).to(like.device, like.dtype).reshape(())  # N
+        n_i = n_i.to(like.device, like.dtype)
+        across = self.args.average_tokens_across_devices and (
+            self.model_accepts_loss_kwargs or self.compute_loss_func is not None
+        )
+        world = self.accelerator.num_processes // self.get_tp_size() if across else 1  # W
+        if self.args.sam_sync_ascent and _is_ddp(model):
+            # The first pass averages ∇(W·S_r/N) over the processes: g is the gradient of the global micro-batch
+            # mean, Σ_r ∇S_r / Σ_r n_r. Without token averaging each process divides by its own N_r, and
+            # Σ_r N_r / Σ_r n_r is exact when every process's micro-batch holds the same share of its tokens.
+            counts = self.accelerator.reduce(torch.stack([n_i, total]), reduction="sum")
+            n_i, total, world = counts[0], (total if across else counts[1]), 1
+        factor = total / (n_i * world)  # g = stored · N / (n_i · W)
+        factor = torch.where(n_i > 0, factor, torch.ones_like(factor))  # no items: the gradient is zero anyway
+        return factor / loss_scale
+
     def _loss_scale(self) -> float:
         """The fp16 loss scale currently multiplying the gradients (1 without a scaler)."""
         scaler = getattr(self.accelerator, "scaler", None)
@@ -241,11 +288,74 @@ class SSAMTrainer(Trainer):
             "sam/skipped": sums[_SKIPPED].item() * self.accelerator.num_processes,
         }
 
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        """`Trainer.train`, after checking the SAM settings again and clearing metrics of an earlier run."""
+        self.args.check_sam_settings()  # fields set after construction get the construction-time checks
+        self._sam_metrics = None  # no metrics of an earlier train() in the first log of this one
+        return super().train(*args, **kwargs)
+
+    def _hp_search_setup(self, trial: Any) -> None:
+        super()._hp_search_setup(trial)
+        self.args.check_sam_settings()  # sam_* fields as search dimensions: same checks as at construction
+
+    def create_model_card(self, *args: Any, **kwargs: Any) -> None:
+        """`Trainer.create_model_card`, with the SAM settings and the SSAM citation added to the card."""
+        super().create_model_card(*args, **kwargs)
+        path = os.path.join(self.args.output_dir, "README.md")
+        if not self.is_world_process_zero() or not os.path.isfile(path):
+            return
+        with open(path, encoding="utf-8") as f:
+            card = f.read()
+        if _CARD_HEADING not in card:
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(_sam_card_section(self.args))
+
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         """Add the SAM metrics to every training log (the ones carrying `loss`)."""
         if "loss" in logs and self.args.sam_enabled:
             logs.update(self.sam_metrics())
         super().log(logs, *args, **kwargs)
+
+
+_CARD_HEADING = "### Sharpness-aware training"
+_SSAM_CITATION = """@article{tan2024stabilizing,
+  title   = {Stabilizing Sharpness-aware Minimization Through A Simple Renormalization Strategy},
+  author  = {Tan, Chengli and Zhang, Jiangshe and Liu, Junmin and Wang, Yicheng and Hao, Yunda},
+  journal = {arXiv preprint arXiv:2401.07250},
+  year    = {2024}
+}"""
+
+
+def _sam_card_section(args: SSAMTrainingArguments) -> str:
+    """The model card's section on the SAM-family step (appended after the Trainer's own card)."""
+    if not args.sam_enabled:
+        return f"\n{_CARD_HEADING}\n\nTrained with hf_ssam, sam_variant='none' (plain training, no SAM step).\n"
+    renormalize = F.uses_renormalization(args.sam_variant, args.sam_renormalize)
+    return (
+        f"\n{_CARD_HEADING}\n\n"
+        "Trained with a two-pass sharpness-aware step (hf_ssam) around the optimizer listed above:\n"
+        f"- sam_variant: {args.sam_variant}\n"
+        f"- sam_rho: {args.sam_rho}\n"
+        f"- renormalization (g_asc rescaled to ‖g‖): {renormalize}\n"
+        f"- ascent mode: {'synchronized (global-batch g)' if args.sam_sync_ascent else 'local (per-replica g)'}\n"
+        f"- sam_interval: {args.sam_interval}\n"
+        + (f"- sam_asam_eta: {args.sam_asam_eta}\n" if args.sam_variant == "asam" else "")
+        + f"\nSSAM (Tan et al., 2024):\n\n```bibtex\n{_SSAM_CITATION}\n```\n"
+    )
+
+
+def _count_items(inputs: Any, shifts_labels: bool) -> torch.Tensor | None:
+    """The label items of one micro-batch, counted like `Trainer._get_num_items_in_batch` (without its gather)."""
+    if not isinstance(inputs, Mapping) or "labels" not in inputs:
+        return None
+    if "shift_labels" in inputs:
+        labels = inputs["shift_labels"]
+    else:
+        labels = inputs["labels"][..., 1:] if shifts_labels else inputs["labels"]
+    try:
+        return labels.ne(-100).sum()
+    except (TypeError, AttributeError):
+        return None
 
 
 def _is_ddp(model: nn.Module) -> bool:

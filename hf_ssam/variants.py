@@ -25,15 +25,25 @@ def check_sam_config(
     """
     if variant not in VARIANT_CHOICES:
         raise ValueError(f"{prefix}variant={variant!r} is not supported; choose one of {list(VARIANT_CHOICES)}.")
-    if not isinstance(rho, (int, float)) or not rho >= 0 or rho == float("inf"):
+    if not _is_finite_non_negative(rho):
         raise ValueError(f"{prefix}rho={rho!r} is invalid; it must be a finite number >= 0.")
-    if renormalize not in (None, True, False):
-        raise ValueError(f"{prefix}renormalize={renormalize!r} is invalid; choose one of [None, True, False].")
+    if renormalize is not None and not isinstance(renormalize, bool):  # 0/1 would compare equal to False/True
+        raise ValueError(
+            f"{prefix}renormalize={renormalize!r} is invalid; choose one of [None, True, False] (a bool, not "
+            f"{type(renormalize).__name__})."
+        )
     if variant == "ssam" and renormalize is False:
         raise ValueError(
             f"{prefix}renormalize=False contradicts {prefix}variant='ssam' (SSAM is usam + renormalization); "
             f"use {prefix}variant='usam' for the unnormalized perturbation without renormalization, "
             f"or {prefix}renormalize=None/True."
         )
-    if not isinstance(asam_eta, (int, float)) or not asam_eta >= 0 or asam_eta == float("inf"):
+    if not _is_finite_non_negative(asam_eta):
         raise ValueError(f"{prefix}asam_eta={asam_eta!r} is invalid; it must be a finite number >= 0.")
+
+
+def _is_finite_non_negative(value: object) -> bool:
+    """A real number in [0, ∞): bools (``rho=True``), strings, NaN and ∞ are refused."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return 0 <= value < float("inf")

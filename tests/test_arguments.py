@@ -87,3 +87,40 @@ def test_promotion_keeps_every_training_argument():
     assert promoted.learning_rate == 0.123 and promoted.gradient_accumulation_steps == 3
     assert promoted.lr_scheduler_type == plain.lr_scheduler_type and promoted.warmup_steps == 7
     assert promoted.sam_rho == 0.3 and promoted.sam_variant == "ssam"
+
+
+@pytest.mark.parametrize("value", [0, 1, 0.0, "false"])
+def test_renormalize_accepts_only_none_or_a_bool(value):
+    with pytest.raises(ValueError, match=rf"sam_renormalize={value!r} is invalid.*\[None, True, False\]"):
+        _args(sam_variant="ssam", sam_renormalize=value)
+
+
+@pytest.mark.parametrize("field_name", ["sam_rho", "sam_asam_eta"])
+def test_numbers_must_not_be_booleans(field_name):
+    with pytest.raises(ValueError, match=rf"{field_name}=True is invalid"):
+        _args(**{field_name: True})
+
+
+def test_renormalize_command_line_accepts_what_its_help_advertises(capsys):
+    parser = HfArgumentParser(SSAMTrainingArguments)
+    parser.print_help()
+    help_text = capsys.readouterr().out
+    advertised = help_text.split("--sam_renormalize")[1].split("}")[0].split("{")[1].split(",")
+    assert advertised == ["True", "False"]  # unset = the default (on for ssam only)
+    for word in advertised:
+        (args,) = parser.parse_args_into_dataclasses(
+            ["--output_dir", "o", "--sam_variant", "sam", "--sam_renormalize", word]
+        )
+        assert args.sam_renormalize is (word == "True")
+    (args,) = parser.parse_args_into_dataclasses(["--output_dir", "o"])
+    assert args.sam_renormalize is None
+    assert "g_asc to ||g|| (sam/grad_norm)" in " ".join(help_text.split())
+
+
+def test_yaml_numbers_in_exponent_notation(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("output_dir: o\nreport_to: none\nsam_rho: 5e-2\nsam_asam_eta: 1e-3\n")  # PyYAML: strings
+    (args,) = HfArgumentParser(SSAMTrainingArguments).parse_yaml_file(str(cfg))
+    assert args.sam_rho == 0.05 and isinstance(args.sam_rho, float) and args.sam_asam_eta == 0.001
+    with pytest.raises(ValueError, match=r"sam_rho='five' is invalid"):
+        _args(sam_rho="five")
