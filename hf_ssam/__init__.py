@@ -1,7 +1,8 @@
 """hf_ssam: Stable Sharpness-Aware Minimization (SSAM) and the SAM family for the Hugging Face Trainer.
 
-Replace `Trainer` with `SSAMTrainer` (and `TrainingArguments` with `SSAMTrainingArguments`), or wrap any
-optimizer in `SSAMOptimizer` for a plain PyTorch loop. The Trainer classes are imported on first use, so
+Replace `Trainer` with `SSAMTrainer` (and `TrainingArguments` with `SSAMTrainingArguments`), compose
+`SSAMMixin` with any Trainer subclass (`class T(SSAMMixin, SFTTrainer)`, args from `sam_arguments(SFTConfig)`),
+or wrap any optimizer in `SSAMOptimizer` for a plain PyTorch loop. The Trainer classes are imported on first use, so
 `from hf_ssam import SSAMOptimizer` does not load `transformers`.
 """
 
@@ -16,14 +17,16 @@ from .optimizer import SSAMOptimizer
 from .passes import RNGState, freeze_batchnorm_stats
 
 if TYPE_CHECKING:
-    from .arguments import SSAMTrainingArguments
-    from .trainer import METRIC_NAMES, SSAMTrainer
+    from .arguments import SSAMTrainingArguments, sam_arguments
+    from .mixin import METRIC_NAMES, SSAMMixin
+    from .trainer import SSAMTrainer
 
 __version__ = "0.1.0"
 
 __all__ = [
     "METRIC_NAMES",
     "RNGState",
+    "SSAMMixin",
     "SSAMOptimizer",
     "SSAMTrainer",
     "SSAMTrainingArguments",
@@ -31,9 +34,16 @@ __all__ = [
     "__version__",
     "freeze_batchnorm_stats",
     "functional",
+    "sam_arguments",
 ]
 
-_LAZY = {"SSAMTrainer": ".trainer", "METRIC_NAMES": ".trainer", "SSAMTrainingArguments": ".arguments"}
+_LAZY = {
+    "METRIC_NAMES": ".mixin",
+    "SSAMMixin": ".mixin",
+    "SSAMTrainer": ".trainer",
+    "SSAMTrainingArguments": ".arguments",
+    "sam_arguments": ".arguments",
+}
 
 
 def __getattr__(name: str) -> Any:

@@ -2,19 +2,26 @@
 
 Both passes of a SAM step must differentiate the *same* mini-batch loss: same dropout masks
 (`RNGState` replays the random number generators) and no second update of BatchNorm's
-running statistics (`freeze_batchnorm_stats`). Both work for plain PyTorch loops too.
+running statistics (`freeze_batchnorm_stats`). Both work for plain PyTorch loops too. The second
+pass must also leave no trace on the trainer beyond its gradient (`leave_no_trace`): metrics and
+counters that `compute_loss` records are those of the first pass only.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["RNGState", "batchnorm_modules", "freeze_batchnorm_stats"]
+__all__ = ["RNGState", "batchnorm_modules", "freeze_batchnorm_stats", "leave_no_trace"]
+
+#: Largest number of leaves a container may hold to count as bookkeeping (metric lists, counters).
+_MAX_RECORD_LEAVES = 4096
 
 
 @dataclass
@@ -61,3 +68,63 @@ def freeze_batchnorm_stats(model: nn.Module | list[nn.modules.batchnorm._BatchNo
                 m.running_mean.copy_(mean)
                 m.running_var.copy_(var)
                 m.num_batches_tracked.copy_(count)
+
+
+def _record_leaves(value: Any, budget: int) -> int:
+    """Leaves left in ``budget`` after ``value``, if it is bookkeeping data; -1 if it is not.
+
+    Bookkeeping: numbers, strings, ``None``, one-element tensors, and dicts/lists/tuples/sets of them, with at
+    most ``budget`` leaves. Models, optimizers, data sets, batches of tensors and the like are not.
+    """
+    if budget < 0:
+        return -1
+    if value is None or isinstance(value, (bool, int, float, complex, str, bytes)):
+        return budget - 1
+    if isinstance(value, torch.Tensor):
+        return budget - 1 if value.numel() <= 1 else -1
+    if type(value) in (dict, list, tuple, set) or isinstance(value, dict) and type(value).__module__ == "collections":
+        items = value.items() if isinstance(value, dict) else ((None, v) for v in value)
+        for key, item in items:
+            budget = _record_leaves(item, _record_leaves(key, budget) + (key is None))
+            if budget < 0:
+                return -1
+        return budget
+    return -1
+
+
+@contextlib.contextmanager
+def leave_no_trace(obj: Any) -> Iterator[None]:
+    """Put back every bookkeeping attribute of ``obj`` that the block changed, and remove the ones it added.
+
+    Used around the second pass of a Trainer step: metrics lists, token counters and the like that a
+    `compute_loss` records (TRL's ``_metrics``, ``_total_train_tokens``, ...) keep the first pass's values,
+    whatever the subclass. Containers are restored in place, so references to them stay valid. Attributes
+    that are not bookkeeping (see `_record_leaves`) are not copied.
+    """
+    before = vars(obj)
+    saved = {name: copy.deepcopy(v) for name, v in before.items() if _record_leaves(v, _MAX_RECORD_LEAVES) >= 0}
+    names = set(before)
+    try:
+        yield
+    finally:
+        state = vars(obj)
+        for name in set(state) - names:
+            delattr(obj, name)
+        for name, old in saved.items():
+            current = state.get(name)
+            if current is old or (type(current) is type(old) and _same(current, old)):
+                continue
+            if isinstance(current, dict) and isinstance(old, dict):
+                current.clear()
+                current.update(old)
+            elif isinstance(current, list) and isinstance(old, list):
+                current[:] = old
+            else:
+                setattr(obj, name, old)
+
+
+def _same(a: Any, b: Any) -> bool:
+    try:
+        return bool(a == b) if not isinstance(a, torch.Tensor) else a is b
+    except (RuntimeError, TypeError, ValueError):
+        return False

@@ -1,0 +1,490 @@
+"""`SSAMMixin`: the SAM-family two-pass step for `transformers.Trainer` and any of its subclasses.
+
+Only `training_step` changes. Each call runs the Trainer's own forward/backward twice through
+``self.accelerator`` and leaves the SAM gradient in ``.grad``: clipping, the base optimizer's step, the
+scheduler, logging and checkpoints stay the Trainer's (or the subclass's).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainingArguments
+
+from . import functional as F
+from .arguments import SSAMTrainingArguments, _SAMArgumentsMixin, sam_arguments
+from .optimizer import SSAMOptimizer
+from .passes import RNGState, batchnorm_modules, freeze_batchnorm_stats, leave_no_trace
+
+__all__ = ["METRIC_NAMES", "SSAMMixin"]
+
+#: Keys added to the training logs, averaged over each logging window (``sam/skipped`` is a count).
+METRIC_NAMES: tuple[str, ...] = (
+    "sam/grad_norm",
+    "sam/ascent_grad_norm",
+    "sam/gamma",
+    "sam/ascent_loss",
+    "sam/skipped",
+)
+# Row layout of the on-device metric accumulator (no host sync until a log is written).
+_GRAD_NORM, _ASCENT_GRAD_NORM, _GAMMA, _ASCENT_LOSS, _SKIPPED, _MICRO_BATCHES, _STEPS = range(7)
+
+#: Trainers that generate or sample inside the step (online RL): their second pass is not the same function.
+_ONLINE_RL_TRAINERS = ("GRPOTrainer", "RLOOTrainer", "OnlineDPOTrainer", "PPOTrainer", "XPOTrainer",
+                       "NashMDTrainer", "GKDTrainer", "DistillationTrainer")  # fmt: skip
+
+
+class SSAMMixin:
+    """The SAM-family two-pass step for any `transformers.Trainer` subclass: place it **before** the Trainer class.
+
+    ```python
+    class SSAMSFTTrainer(SSAMMixin, SFTTrainer):
+        pass
+    ```
+
+    Only `training_step` changes (plus the `sam/*` logs, the construction checks and a SAM section in the model
+    card). Each call runs the Trainer's own `training_step` twice through ``self.accelerator``, so loss scaling,
+    accumulation normalization, autocast, `compute_loss` overrides and the subclass's own `training_step` wrappers
+    are exactly the Trainer's; the SAM gradient is left in ``.grad`` for the Trainer's clipping and optimizer step.
+
+    `args` without the `sam_*` fields are promoted to `sam_arguments(type(args))`, keeping every field of their own
+    class. The optimizer is the base optimizer (AdamW unless `optim` or `optimizers=` say otherwise).
+
+    Each optimizer step (every `sam_interval` steps), for every micro-batch:
+
+    1. the gradient accumulated by earlier micro-batches is set aside;
+    2. first pass, at `w`: `g = ∇F(w)` (the Trainer's own `training_step`);
+    3. `w ← w + e` with `e = ρ·d(g, w)`; the weights are saved first;
+    4. second pass, at `w + e`, on the same prepared batch (inputs are prepared once: a trainer that generates
+       while preparing inputs does not generate again), same dropout masks, BatchNorm statistics untouched, and
+       no trace left on the trainer (metrics or counters recorded by `compute_loss` are put back): `g_asc`;
+    5. `w` is copied back exactly; with renormalization `g_asc ← (‖g‖/‖g_asc‖)·g_asc`;
+    6. the set-aside gradient is added back, so the accumulated gradient is the sum of per-micro-batch
+       SAM gradients, normalized like the Trainer's.
+
+    Logs gain `sam/grad_norm`, `sam/ascent_grad_norm`, `sam/gamma`, `sam/ascent_loss` (loss at `w + e`)
+    and `sam/skipped` (micro-batches whose perturbation or rescale was skipped for a zero or non-finite norm).
+
+    Raises:
+        TypeError: at class creation, when `SSAMMixin` comes after a Trainer class in the bases.
+        ValueError: at construction for DeepSpeed, FSDP, online-RL trainers that generate inside the step, an
+            `SSAMOptimizer` passed as the optimizer, and bad `sam_*` settings (also when `train()` starts).
+    """
+
+    args: SSAMTrainingArguments
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        mro = cls.__mro__
+        mixin_at = mro.index(SSAMMixin)
+        misplaced = [c for c in mro[1:mixin_at] if issubclass(c, Trainer) and not issubclass(c, SSAMMixin)]
+        if misplaced or Trainer not in mro or mro.index(Trainer) < mixin_at:
+            raise TypeError(
+                f"{cls.__name__}: SSAMMixin must come before the Trainer class in the bases, e.g. "
+                f"class {cls.__name__}(SSAMMixin, {(misplaced or [Trainer])[0].__name__}); otherwise the Trainer's "
+                "own training_step runs and no SAM step happens."
+            )
+
+    def __init__(self, *posargs: Any, **kwargs: Any) -> None:
+        _refuse_online_rl(type(self))
+        if len(posargs) >= 2:
+            posargs = (posargs[0], _promote(posargs[1]), *posargs[2:])
+        elif kwargs.get("args") is not None:
+            kwargs["args"] = _promote(kwargs["args"])
+        super().__init__(*posargs, **kwargs)
+        if not isinstance(self.args, _SAMArgumentsMixin):  # the subclass built its own default arguments
+            self.args = _promote(self.args)
+        args = self.args
+        if isinstance(self.optimizer, SSAMOptimizer):
+            raise ValueError(
+                "optimizers=(SSAMOptimizer(...), ...) is not supported: SSAMTrainer runs the two passes itself and "
+                "takes the *base* optimizer, e.g. optimizers=(torch.optim.SGD(model.parameters(), lr=0.1), None); "
+                "set the SAM settings with the sam_* arguments (sam_variant, sam_rho, ...)."
+            )
+        if args.sam_enabled and (self.is_deepspeed_enabled or self.is_fsdp_enabled):
+            backend = "DeepSpeed" if self.is_deepspeed_enabled else "FSDP"
+            raise ValueError(
+                f"{backend} is not supported with sam_variant={args.sam_variant!r}: the two-pass step needs "
+                "unsharded parameters and a backward() that does not step. Supported: single process and DDP "
+                "(accelerate launch --multi_gpu / torchrun); use sam_variant='none' for plain training."
+            )
+        self._sam_param_cache: tuple[Any, list[nn.Parameter]] | None = None
+        self._sam_bn_cache: tuple[nn.Module, list[nn.Module]] | None = None
+        self._sam_backup: list[torch.Tensor] | None = None
+        self._sam_metrics: torch.Tensor | None = None
+
+    # ----------------------------------------------------------------------------------------- the step
+
+    def training_step(
+        self,
+        model: nn.Module,
+        inputs: dict[str, torch.Tensor | Any],
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor:
+        """One micro-batch of a SAM-family step; returns the loss at `w`, exactly as `Trainer` reports it."""
+        args = self.args
+        if not args.sam_enabled or self.state.global_step % args.sam_interval != 0:
+            return super().training_step(model, inputs, num_items_in_batch)
+
+        params = self._trainable_params()
+        stash = _take_grads(params)  # gradient of earlier micro-batches, set aside
+        rng = RNGState.capture() if args.sam_replay_rng else None
+        k = self.current_gradient_accumulation_steps
+
+        prepared = _PreparedInputs(self)
+        with self._pass_sync_context(model), prepared.capture():
+            loss = super().training_step(model, _shallow_copy(inputs), num_items_in_batch)  # g = ∇F(w)
+
+        with torch.no_grad():
+            with_grad = [p for p in params if p.grad is not None]
+            grads = [p.grad for p in with_grad]
+            grad_norm = F.global_norm(grads)  # ‖g‖ (stored units)
+            grad_unscale = self._grad_unscale(model, inputs, num_items_in_batch, k, grad_norm)  # g = stored · u
+            scale = F.perturbation_scale(
+                args.sam_variant,
+                args.sam_rho,
+                grad_norm,
+                params=with_grad,
+                grads=grads,
+                asam_eta=args.sam_asam_eta,
+                grad_unscale=grad_unscale,
+            )
+            perturb = bool(torch.isfinite(scale) & (grad_norm > 0) & torch.isfinite(grad_norm))  # one host sync
+            if perturb:
+                backup = self._backup_buffers(with_grad)
+                torch._foreach_copy_(backup, with_grad)  # save w
+                F.ascend(
+                    with_grad, grads, scale, variant=args.sam_variant, asam_eta=args.sam_asam_eta, overwrite_grads=True
+                )  # w + e
+            for p in with_grad:
+                p.grad = None  # g is no longer needed: free it before the second pass (peak memory)
+            del grads
+
+        if rng is not None:
+            rng.restore()  # same dropout masks in both passes
+        with (
+            self._pass_sync_context(model),
+            freeze_batchnorm_stats(self._batchnorm_layers(model)),
+            prepared.replay(),
+            leave_no_trace(self),
+        ):
+            ascent_loss = super().training_step(model, _shallow_copy(inputs), num_items_in_batch)  # g_asc
+
+        with torch.no_grad():
+            if perturb:
+                F.restore_(with_grad, backup)  # w, exactly
+            with_grad = [p for p in params if p.grad is not None]
+            ascent_grads = [p.grad for p in with_grad]
+            ascent_grad_norm = F.global_norm(ascent_grads)  # ‖g_asc‖ (stored units)
+            gamma, rescale_skipped = F.renormalization_factor(grad_norm, ascent_grad_norm)
+            renormalize = F.uses_renormalization(args.sam_variant, args.sam_renormalize)
+            if renormalize:
+                F.rescale_(ascent_grads, gamma)  # g_asc ← γ·g_asc
+            _give_back_grads(params, stash)  # + earlier micro-batches
+            if not args.sam_sync_ascent and self.accelerator.sync_gradients and _is_ddp(model):
+                self._all_reduce_grads(params)
+            skipped = rescale_skipped if renormalize and perturb else torch.tensor(not perturb)
+            self._record(grad_norm * grad_unscale, ascent_grad_norm * grad_unscale, gamma, ascent_loss, skipped, k)
+        return loss
+
+    # -------------------------------------------------------------------------------------- helpers
+
+    def _trainable_params(self) -> list[nn.Parameter]:
+        """The parameters the optimizer updates and that require a gradient, each once (cached)."""
+        optimizer = self.optimizer
+        if self._sam_param_cache is None or self._sam_param_cache[0] is not optimizer:
+            seen: set[int] = set()
+            params = []
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    if p.requires_grad and id(p) not in seen:
+                        seen.add(id(p))
+                        params.append(p)
+            self._sam_param_cache = (optimizer, params)
+            self._sam_backup = None
+        return self._sam_param_cache[1]
+
+    def _backup_buffers(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Buffers for the saved weights, allocated once and reused (re-made if the set of params changes)."""
+        backup = self._sam_backup
+        if backup is None or len(backup) != len(params) or any(b.shape != p.shape for b, p in zip(backup, params)):
+            backup = self._sam_backup = [torch.empty_like(p) for p in params]
+        return backup
+
+    def _batchnorm_layers(self, model: nn.Module) -> list[nn.Module]:
+        if self._sam_bn_cache is None or self._sam_bn_cache[0] is not model:
+            self._sam_bn_cache = (model, batchnorm_modules(model))
+        return self._sam_bn_cache[1]
+
+    def _grad_unscale(
+        self, model: nn.Module, inputs: Any, num_items_in_batch: Any, k: int, like: torch.Tensor
+    ) -> torch.Tensor:
+        """The factor ``u`` with ``g = u · stored gradient``, g the gradient of this micro-batch's own mean loss.
+
+        ``g`` is what one process without accumulation computes on the micro-batch, so ρ keeps its meaning.
+        The Trainer stores ``loss_scale · ∇L/k`` for a per-micro-batch mean loss, and
+        ``loss_scale · W · ∇S_i/N`` when it normalizes by tokens (``num_items_in_batch``): ``S_i`` the summed loss
+        of the micro-batch's ``n_i`` items, ``N`` the items of the accumulated batch (of all processes when
+        ``average_tokens_across_devices``, then ``W`` = the number of processes). The items are counted as
+        `Trainer` counts them.
+        """
+        loss_scale = self._loss_scale()
+        scaled_for_ga = getattr(self, "loss_is_scaled_for_ga", None)
+        if scaled_for_ga is None:
+            scaled_for_ga = (
+                self.model_accepts_loss_kwargs and num_items_in_batch is not None
+            ) or self.compute_loss_func is not None
+        if not scaled_for_ga:
+            return like.new_tensor(k / loss_scale)  # stored = loss_scale · g / k
+        n_i = _count_items(inputs, getattr(self, "_loss_shifts_labels", False))
+        if num_items_in_batch is None or n_i is None:
+            return like.new_tensor(1.0 / loss_scale)  # a loss normalized by its own compute_loss: used as is
+        total = torch.as_tensor(num_items_in_batch).to(like.device, like.dtype).reshape(())  # N
+        n_i = n_i.to(like.device, like.dtype)
+        across = self.args.average_tokens_across_devices and (
+            self.model_accepts_loss_kwargs or self.compute_loss_func is not None
+        )
+        world = self.accelerator.num_processes // self.get_tp_size() if across else 1  # W
+        if self.args.sam_sync_ascent and _is_ddp(model):
+            # The first pass averages ∇(W·S_r/N) over the processes: g is the gradient of the global micro-batch
+            # mean, Σ_r ∇S_r / Σ_r n_r. Without token averaging each process divides by its own N_r, and
+            # Σ_r N_r / Σ_r n_r is exact when every process's micro-batch holds the same share of its tokens.
+            counts = self.accelerator.reduce(torch.stack([n_i, total]), reduction="sum")
+            n_i, total, world = counts[0], (total if across else counts[1]), 1
+        factor = total / (n_i * world)  # g = stored · N / (n_i · W)
+        factor = torch.where(n_i > 0, factor, torch.ones_like(factor))  # no items: the gradient is zero anyway
+        return factor / loss_scale
+
+    def _loss_scale(self) -> float:
+        """The fp16 loss scale currently multiplying the gradients (1 without a scaler)."""
+        scaler = getattr(self.accelerator, "scaler", None)
+        if scaler is None or not scaler.is_enabled():
+            return 1.0
+        return float(scaler.get_scale())
+
+    @contextlib.contextmanager
+    def _pass_sync_context(self, model: nn.Module) -> Iterator[None]:
+        """DDP gradient sync for one pass: off for a local ascent, forced on for a synchronized one."""
+        if not _is_ddp(model):
+            yield
+        elif not self.args.sam_sync_ascent:
+            with self.accelerator.no_sync(model):  # forward and backward: DDP decides at forward time
+                yield
+        else:
+            previous = model.require_backward_grad_sync
+            model.require_backward_grad_sync = True  # all-reduce this pass even between accumulation boundaries
+            try:
+                yield
+            finally:
+                model.require_backward_grad_sync = previous
+
+    def _all_reduce_grads(self, params: list[nn.Parameter]) -> None:
+        """Local-ascent mode: average the accumulated SAM gradient over replicas, one flat all-reduce per dtype."""
+        by_dtype: dict[torch.dtype, list[nn.Parameter]] = {}
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            by_dtype.setdefault(p.grad.dtype, []).append(p)
+        for group in by_dtype.values():
+            grads = [p.grad for p in group]
+            flat = torch._utils._flatten_dense_tensors(grads)
+            flat = self.accelerator.reduce(flat, reduction="mean")
+            torch._foreach_copy_(grads, torch._utils._unflatten_dense_tensors(flat, grads))
+
+    def _record(self, grad_norm, ascent_grad_norm, gamma, ascent_loss, skipped, k: int) -> None:
+        device = grad_norm.device
+        dtype = torch.float32 if device.type == "mps" else torch.float64  # float64: exact logs for small norms
+        row = torch.stack(
+            [
+                grad_norm.to(dtype),
+                ascent_grad_norm.to(dtype),
+                gamma.to(device, dtype),
+                ascent_loss.detach().to(device, dtype),
+                skipped.to(device, dtype),
+                torch.ones((), device=device, dtype=dtype),
+                torch.full((), 1.0 / k, device=device, dtype=dtype),
+            ]
+        )
+        self._sam_metrics = row if self._sam_metrics is None else self._sam_metrics + row
+
+    def sam_metrics(self) -> dict[str, float]:
+        """The SAM metrics accumulated since the last training log, averaged over processes (and reset)."""
+        sums = self._sam_metrics
+        if sums is None:
+            return {}
+        self._sam_metrics = None
+        sums = self.accelerator.reduce(sums.to(self.args.device), reduction="mean")
+        n, steps = sums[_MICRO_BATCHES].item(), sums[_STEPS].item()
+        return {
+            "sam/grad_norm": sums[_GRAD_NORM].item() / n,
+            "sam/ascent_grad_norm": sums[_ASCENT_GRAD_NORM].item() / n,
+            "sam/gamma": sums[_GAMMA].item() / n,
+            "sam/ascent_loss": sums[_ASCENT_LOSS].item() / steps,
+            "sam/skipped": sums[_SKIPPED].item() * self.accelerator.num_processes,
+        }
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        """`Trainer.train`, after checking the SAM settings again and clearing metrics of an earlier run."""
+        self.args.check_sam_settings()  # fields set after construction get the construction-time checks
+        self._sam_metrics = None  # no metrics of an earlier train() in the first log of this one
+        return super().train(*args, **kwargs)
+
+    def _hp_search_setup(self, trial: Any) -> None:
+        super()._hp_search_setup(trial)
+        self.args.check_sam_settings()  # sam_* fields as search dimensions: same checks as at construction
+
+    def create_model_card(self, *args: Any, **kwargs: Any) -> None:
+        """`Trainer.create_model_card`, with the SAM settings and the SSAM citation added to the card."""
+        super().create_model_card(*args, **kwargs)
+        path = os.path.join(self.args.output_dir, "README.md")
+        if not self.is_world_process_zero() or not os.path.isfile(path):
+            return
+        with open(path, encoding="utf-8") as f:
+            card = f.read()
+        if _CARD_HEADING not in card:
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(_sam_card_section(self.args))
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        """Add the SAM metrics to every training log (the ones carrying `loss`)."""
+        if "loss" in logs and self.args.sam_enabled:
+            logs.update(self.sam_metrics())
+        super().log(logs, *args, **kwargs)
+
+
+_CARD_HEADING = "### Sharpness-aware training"
+_SSAM_CITATION = """@article{tan2024stabilizing,
+  title   = {Stabilizing Sharpness-aware Minimization Through A Simple Renormalization Strategy},
+  author  = {Tan, Chengli and Zhang, Jiangshe and Liu, Junmin and Wang, Yicheng and Hao, Yunda},
+  journal = {arXiv preprint arXiv:2401.07250},
+  year    = {2024}
+}"""
+
+
+def _sam_card_section(args: SSAMTrainingArguments) -> str:
+    """The model card's section on the SAM-family step (appended after the Trainer's own card)."""
+    if not args.sam_enabled:
+        return f"\n{_CARD_HEADING}\n\nTrained with hf_ssam, sam_variant='none' (plain training, no SAM step).\n"
+    renormalize = F.uses_renormalization(args.sam_variant, args.sam_renormalize)
+    return (
+        f"\n{_CARD_HEADING}\n\n"
+        "Trained with a two-pass sharpness-aware step (hf_ssam) around the optimizer listed above:\n"
+        f"- sam_variant: {args.sam_variant}\n"
+        f"- sam_rho: {args.sam_rho}\n"
+        f"- renormalization (g_asc rescaled to ‖g‖): {renormalize}\n"
+        f"- ascent mode: {'synchronized (global-batch g)' if args.sam_sync_ascent else 'local (per-replica g)'}\n"
+        f"- sam_interval: {args.sam_interval}\n"
+        + (f"- sam_asam_eta: {args.sam_asam_eta}\n" if args.sam_variant == "asam" else "")
+        + f"\nSSAM (Tan et al., 2024):\n\n```bibtex\n{_SSAM_CITATION}\n```\n"
+    )
+
+
+def _count_items(inputs: Any, shifts_labels: bool) -> torch.Tensor | None:
+    """The label items of one micro-batch, counted like `Trainer._get_num_items_in_batch` (without its gather)."""
+    if not isinstance(inputs, Mapping) or "labels" not in inputs:
+        return None
+    if "shift_labels" in inputs:
+        labels = inputs["shift_labels"]
+    else:
+        labels = inputs["labels"][..., 1:] if shifts_labels else inputs["labels"]
+    try:
+        return labels.ne(-100).sum()
+    except (TypeError, AttributeError):
+        return None
+
+
+def _promote(args: TrainingArguments) -> TrainingArguments:
+    """`args` with the `sam_*` fields (at their defaults), keeping its own class's fields: `sam_arguments(type)`."""
+    if isinstance(args, _SAMArgumentsMixin):
+        return args
+    return sam_arguments(type(args)).from_training_arguments(args)
+
+
+def _refuse_online_rl(cls: type) -> None:
+    online = [c.__name__ for c in cls.__mro__ if c.__name__ in _ONLINE_RL_TRAINERS]
+    if online:
+        raise ValueError(
+            f"{cls.__name__} builds on {online[0]}, which generates completions or samples from the policy while "
+            "preparing each step's inputs; SSAMMixin supports trainers whose step is a fixed function of a fixed "
+            "batch (Trainer, SFTTrainer, DPOTrainer, Seq2SeqTrainer, SentenceTransformerTrainer, ...)."
+        )
+
+
+class _PreparedInputs:
+    """Prepare a micro-batch once: the second pass gets what the first pass's `_prepare_inputs` returned.
+
+    Trainers that generate, sample or advance a buffer in `_prepare_inputs` then do it once per micro-batch,
+    and both passes differentiate the same batch.
+    """
+
+    def __init__(self, trainer: Any):
+        self.trainer = trainer
+        self.inputs: Any = None
+        self.captured = False
+
+    @contextlib.contextmanager
+    def _patched(self, replacement: Any) -> Iterator[None]:
+        shadowed = self.trainer.__dict__.get("_prepare_inputs")
+        self.trainer._prepare_inputs = replacement
+        try:
+            yield
+        finally:
+            if shadowed is None:
+                del self.trainer._prepare_inputs
+            else:
+                self.trainer._prepare_inputs = shadowed
+
+    def capture(self) -> contextlib.AbstractContextManager[None]:
+        original = self.trainer._prepare_inputs
+
+        def prepare(inputs: Any) -> Any:
+            self.inputs, self.captured = original(inputs), True
+            return _shallow_copy(self.inputs)
+
+        return self._patched(prepare)
+
+    def replay(self) -> contextlib.AbstractContextManager[None]:
+        if not self.captured:  # a training_step that does not prepare its inputs through _prepare_inputs
+            return contextlib.nullcontext()
+        return self._patched(lambda inputs: _shallow_copy(self.inputs))
+
+
+def _is_ddp(model: nn.Module) -> bool:
+    return isinstance(model, nn.parallel.DistributedDataParallel)
+
+
+def _shallow_copy(inputs: Any) -> Any:
+    """A fresh mapping per pass, so a `compute_loss` that pops keys (e.g. `labels`) cannot starve the other."""
+    return type(inputs)(inputs) if isinstance(inputs, dict) else inputs
+
+
+def _take_grads(params: list[nn.Parameter]) -> list[torch.Tensor | None] | None:
+    """Move the accumulated `.grad` tensors out of the parameters (no copy); None if there are none."""
+    if all(p.grad is None for p in params):
+        return None
+    stash = [p.grad for p in params]
+    for p in params:
+        p.grad = None
+    return stash
+
+
+def _give_back_grads(params: list[nn.Parameter], stash: list[torch.Tensor | None] | None) -> None:
+    """`.grad ← .grad + stash` (the stash tensor is reused where the pass left no gradient)."""
+    if stash is None:
+        return
+    targets, extra = [], []
+    for p, s in zip(params, stash):
+        if s is None:
+            continue
+        if p.grad is None:
+            p.grad = s
+        else:
+            targets.append(p.grad)
+            extra.append(s)
+    if targets:
+        torch._foreach_add_(targets, extra)
