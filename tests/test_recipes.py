@@ -247,9 +247,11 @@ def test_recipe_runs_as_a_module_and_as_a_file(
 
 @pytest.mark.slow
 @pytest.mark.parametrize("style", ["module", "file"])
-def test_recipe_runs_as_a_module_and_as_a_file_in_a_new_interpreter(style: str) -> None:
+def test_recipe_runs_as_a_module_and_as_a_file_in_a_new_interpreter(style: str, tmp_path: Path) -> None:
+    # hf_ssam importable as if installed, the repository root not on the import path: as for a user.
+    (tmp_path / "hf_ssam").symlink_to(ROOT / "hf_ssam", target_is_directory=True)
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
     command = ["-m", "recipes.vit_imagenet"] if style == "module" else ["recipes/vit_imagenet.py"]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     result = subprocess.run(
         [sys.executable, *command, "--help"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
     )
