@@ -1,14 +1,18 @@
 """Pieces shared by the recipes: YAML + command-line arguments, classification metrics, run summaries.
 
-Not part of the ``hf_ssam`` package: the recipes are scripts that use the package, and this module is
-imported by them from the same folder.
+Not part of the ``hf_ssam`` package: the recipes are scripts that use the package; this module sits next to them
+in the ``recipes`` package.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import logging
 import math
+import sys
 import time
+import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +24,7 @@ from transformers import HfArgumentParser
 
 __all__ = [
     "CONFIG_DIR",
+    "NONE_WORDS",
     "argmax_logits",
     "classification_metrics",
     "load_config",
@@ -29,8 +34,12 @@ __all__ = [
     "train_validation_splits",
 ]
 
+logger = logging.getLogger(__name__)
+
 #: Folder of the YAML configs shipped with the recipes.
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+#: Command-line values that unset an option whose default may be None (``--depth none``).
+NONE_WORDS = ("none", "null")
 
 
 def load_config(path: str | Path, parser: HfArgumentParser) -> dict[str, Any]:
@@ -49,23 +58,83 @@ def load_config(path: str | Path, parser: HfArgumentParser) -> dict[str, Any]:
     return config
 
 
+class _OrNone:
+    """argparse ``type``: ``none``/``null`` give None, anything else is converted by ``convert``."""
+
+    def __init__(self, convert: Callable[[str], Any]) -> None:
+        self.convert = convert
+        self.__name__ = f"{getattr(convert, '__name__', 'value')} or none"
+
+    def __call__(self, text: str) -> Any:
+        return None if text.strip().lower() in NONE_WORDS else self.convert(text)
+
+
+def _nullable_fields(dataclass_types: Sequence[type]) -> set[str]:
+    """Fields typed ``X | None`` of the recipe's own dataclasses (not of the training arguments)."""
+    from transformers import TrainingArguments
+
+    names = set()
+    for dataclass_type in dataclass_types:
+        if issubclass(dataclass_type, TrainingArguments):
+            continue
+        hints = typing.get_type_hints(dataclass_type)
+        for field in dataclasses.fields(dataclass_type):
+            if type(None) in typing.get_args(hints[field.name]):
+                names.add(field.name)
+    return names
+
+
+def _build_parser(dataclass_types: Sequence[type], **kwargs: Any) -> HfArgumentParser:
+    """``HfArgumentParser`` of ``dataclass_types`` plus ``--config``; ``--option none`` unsets nullable options."""
+    parser = HfArgumentParser(dataclass_types, **kwargs)
+    parser.add_argument(
+        "--config",
+        default=None,
+        help="YAML file of options; command-line options override it. Without it the recipe's offline default "
+        "config is read, unless an option choosing the model or the data is given; 'none' reads no file.",
+    )
+    nullable = _nullable_fields(dataclass_types)
+    for action in parser._actions:
+        if action.dest in nullable and action.nargs is None and action.type in (int, float, str):
+            action.type = _OrNone(action.type)
+    return parser
+
+
+def options_given(dataclass_types: Sequence[type], argv: Sequence[str]) -> dict[str, Any]:
+    """The options that ``argv`` sets (abbreviations included), by field name (and ``config``), with their values."""
+    probe = _build_parser(dataclass_types, add_help=False)
+    for action in probe._actions:
+        action.default = argparse.SUPPRESS
+    namespace, _ = probe.parse_known_args(list(argv))
+    return vars(namespace)
+
+
 def parse_recipe_args(
-    dataclass_types: Sequence[type], argv: Sequence[str] | None, default_config: Path
+    dataclass_types: Sequence[type],
+    argv: Sequence[str] | None,
+    default_config: Path,
+    selectors: Sequence[str],
 ) -> tuple[Any, ...]:
     """Parse ``--config file.yaml`` plus command-line options into ``dataclass_types``.
 
-    The YAML file gives the defaults and every option given on the command line wins over it. Without
-    ``--config`` the recipe's offline default ``default_config`` is read.
+    The YAML file gives the defaults and every option given on the command line wins over it. Without ``--config``
+    the recipe's offline default ``default_config`` is read only when none of ``selectors`` (the options that
+    choose the model or the data) is given; otherwise the dataclasses' own defaults apply, so that a model or data
+    set named on the command line is not shaped by the offline run's settings; ``--config none`` reads no file at
+    all. Options of the recipe's own
+    dataclasses that default to None accept ``none`` (``--depth none``) to unset a value a config gives.
     """
-    config_parser = argparse.ArgumentParser(add_help=False)
-    config_parser.add_argument("--config", default=str(default_config))
-    known, rest = config_parser.parse_known_args(argv)
-    parser = HfArgumentParser(dataclass_types)
-    parser.add_argument(
-        "--config", default=str(default_config), help="YAML file of options; command-line options override it."
-    )
-    parser.set_defaults(**load_config(known.config, parser))
-    *outputs, _namespace = parser.parse_args_into_dataclasses(args=[*rest, "--config", known.config])
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _build_parser(dataclass_types)
+    given = options_given(dataclass_types, argv)
+    config = given.get("config")
+    if config is None and not given.keys() & set(selectors):
+        config = default_config
+        options = ", ".join(f"--{name}" for name in selectors)
+        logger.info("No --config and none of %s given: reading the offline default %s", options, config)
+    if config is not None and str(config).strip().lower() not in NONE_WORDS:
+        parser.set_defaults(**load_config(config, parser))
+    *outputs, _namespace = parser.parse_args_into_dataclasses(args=argv)
     return tuple(outputs)
 
 

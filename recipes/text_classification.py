@@ -14,6 +14,7 @@ accuracy with SSAM after about 2 minutes on 2 CPU cores (``docs/recipes.md``)::
 
     python recipes/text_classification.py
     python recipes/text_classification.py --sam_variant sam --output_dir outputs/text_vader_sam
+    python -m recipes.text_classification --help      # the same script as a module (from the repository root)
 
 A GLUE task (sentence pairs are detected from the column names)::
 
@@ -31,45 +32,63 @@ Several GPUs::
         --config recipes/configs/text_glue_ssam.yaml --dataset_name nyu-mll/glue --dataset_config_name sst2
 
 Options: those of ``SSAMTrainingArguments`` (``transformers.TrainingArguments`` plus ``sam_*``) and of the
-dataclasses below, from ``--config file.yaml`` and the command line (the command line wins). Without ``--config``
-the recipe reads ``recipes/configs/text_vader_ssam.yaml``.
+dataclasses below, from ``--config file.yaml`` and the command line (the command line wins). The offline default
+config ``recipes/configs/text_vader_ssam.yaml`` is read only when neither ``--config`` nor an option choosing the
+model or the data (``--model_name_or_path``, ``--dataset_name``, ``--dataset_config_name``, ``--train_file``,
+``--validation_file``) is given: a model or data set named on the command line gets the ``TrainingArguments``
+defaults and the model's own maximum sequence length, not the VADER run's 16 tokens and 150 steps.
+``--config none`` reads no file; ``--max_seq_length none`` undoes a config's value.
 """
 
 from __future__ import annotations
 
 import logging
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the recipes' shared helpers sit next to this file
-
-from _data import bundled_model_path, vader_dataset  # noqa: E402
-from _recipe_utils import (  # noqa: E402
-    CONFIG_DIR,
-    argmax_logits,
-    make_compute_metrics,
-    parse_recipe_args,
-    train_and_evaluate,
-    train_validation_splits,
-)
-from datasets import ClassLabel, DatasetDict, load_dataset  # noqa: E402
-from transformers import (  # noqa: E402
+from datasets import ClassLabel, DatasetDict, load_dataset
+from transformers import (
     AutoConfig,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     DataCollatorWithPadding,
+    PretrainedConfig,
     set_seed,
 )
 
-from hf_ssam import SSAMTrainer, SSAMTrainingArguments  # noqa: E402
+from hf_ssam import SSAMTrainer, SSAMTrainingArguments
+
+if __package__:  # imported as recipes.text_classification, or run with python -m recipes.text_classification
+    from ._data import bundled_model_path, vader_dataset
+    from ._recipe_utils import (
+        CONFIG_DIR,
+        argmax_logits,
+        make_compute_metrics,
+        parse_recipe_args,
+        train_and_evaluate,
+        train_validation_splits,
+    )
+else:  # run as a file, python recipes/text_classification.py: Python puts this folder first on the import path
+    from _data import bundled_model_path, vader_dataset
+    from _recipe_utils import (
+        CONFIG_DIR,
+        argmax_logits,
+        make_compute_metrics,
+        parse_recipe_args,
+        train_and_evaluate,
+        train_validation_splits,
+    )
 
 logger = logging.getLogger(__name__)
 
-#: Config read when no ``--config`` is given: the offline VADER run.
+#: Config read when neither ``--config`` nor any of ``SELECTORS`` is given: the offline VADER run.
 DEFAULT_CONFIG = CONFIG_DIR / "text_vader_ssam.yaml"
+#: The options that choose the model or the data: any of them on the command line turns the offline default off.
+SELECTORS = ("model_name_or_path", "dataset_name", "dataset_config_name", "train_file", "validation_file")
+#: What tokenizers report as ``model_max_length`` when their config records no limit.
+_NO_TOKENIZER_LIMIT = 10**20
 #: Text column names tried in order when ``--text_columns`` is not given (pairs first).
 _TEXT_COLUMNS = (
     ("sentence1", "sentence2"),
@@ -88,7 +107,10 @@ class ModelArguments:
         default="all-MiniLM-L6-v2",
         metadata={"help": "A local model folder, a Hub model id, or all-MiniLM-L6-v2 (bundled, offline)."},
     )
-    max_seq_length: int = field(default=128, metadata={"help": "Longer inputs are truncated."})
+    max_seq_length: int | None = field(
+        default=None,
+        metadata={"help": "Longer inputs are truncated; none: the model's own limit (tokenizer or positions)."},
+    )
 
 
 @dataclass
@@ -137,6 +159,28 @@ def resolve_model(name: str) -> str:
             f"(offline, only local folders and all-MiniLM-L6-v2 work): {error}"
         ) from error
     return path
+
+
+def resolve_max_seq_length(requested: int | None, tokenizer: Any, config: PretrainedConfig) -> int:
+    """``requested``, else the tokenizer's ``model_max_length``, else the model's ``max_position_embeddings``."""
+    if requested is not None:
+        if requested < 1:
+            raise ValueError(f"--max_seq_length {requested} must be a positive number of tokens (or none).")
+        return requested
+    limit = getattr(tokenizer, "model_max_length", None)
+    if limit is not None and 0 < limit < _NO_TOKENIZER_LIMIT:
+        return int(limit)
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions is None:
+        raise ValueError("Neither the tokenizer nor the model config gives a maximum length: set --max_seq_length.")
+    return int(positions)
+
+
+def parse_arguments(
+    argv: Sequence[str] | None = None,
+) -> tuple[ModelArguments, DataArguments, SSAMTrainingArguments]:
+    """The options of a run: ``--config`` (or the offline default) and the command line; see ``parse_recipe_args``."""
+    return parse_recipe_args((ModelArguments, DataArguments, SSAMTrainingArguments), argv, DEFAULT_CONFIG, SELECTORS)
 
 
 def check_data_arguments(data_args: DataArguments) -> None:
@@ -213,9 +257,7 @@ def label_names_of(splits: DatasetDict) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the recipe; returns final validation metrics, last training loss, training wall time and logs."""
-    model_args, data_args, training_args = parse_recipe_args(
-        (ModelArguments, DataArguments, SSAMTrainingArguments), argv, DEFAULT_CONFIG
-    )
+    model_args, data_args, training_args = parse_arguments(argv)
     check_data_arguments(data_args)
     model_path = resolve_model(model_args.model_name_or_path)
     logging.basicConfig(level=logging.INFO if training_args.should_log else logging.WARNING)
@@ -225,6 +267,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         text_columns = text_columns_of(splits["train"].column_names, data_args.text_columns)
         label_names = label_names_of(splits)
         tokenizer = AutoTokenizer.from_pretrained(model_path)
+        model_args.max_seq_length = resolve_max_seq_length(
+            model_args.max_seq_length, tokenizer, AutoConfig.from_pretrained(model_path)
+        )
 
         def tokenize(batch: dict[str, list[Any]]) -> dict[str, Any]:
             texts = [[str(t) for t in batch[column]] for column in text_columns]
@@ -245,11 +290,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         label2id={name: i for i, name in enumerate(label_names)},
     )
     logger.info(
-        "%s: %d classes %s, text columns %s, %d train / %d validation examples",
+        "%s: %d classes %s, text columns %s, inputs cut at %d tokens, %d train / %d validation examples",
         model_args.model_name_or_path,
         len(label_names),
         label_names,
         text_columns,
+        model_args.max_seq_length,
         len(splits["train"]),
         len(splits["validation"]),
     )

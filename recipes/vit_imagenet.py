@@ -5,11 +5,14 @@ Through A Simple Renormalization Strategy": ViT-S/16 and ViT-S/32 trained from s
 epochs with AdamW (peak lr 3e-4, weight decay 0.3, global batch 256, cosine decay), rho = 0.2, 224 px and
 Inception-style crops only. One YAML config per model and variant lives in ``recipes/configs/``.
 
+Run it from the repository root, as a file or as a module (``python -m recipes.vit_imagenet``, same options).
+
 Offline default (no download): scikit-learn's 8x8 digits resized to 32 px and a 4-layer ViT, 30 epochs of SSAM;
 94.2% top-1 on the 360 validation images after about 2 minutes on 2 CPU cores (``docs/recipes.md``)::
 
     python recipes/vit_imagenet.py
     python recipes/vit_imagenet.py --sam_variant none --output_dir outputs/vit_digits_none
+    python -m recipes.vit_imagenet --help
 
 ImageNet, one process (``--data_dir`` holds ``train/`` and ``val/`` with one folder per class)::
 
@@ -34,6 +37,12 @@ A Hugging Face image data set instead of a folder (columns are detected, or set 
 
 Every option of ``SSAMTrainingArguments`` (that is, of ``transformers.TrainingArguments`` plus ``sam_*``) and of
 the dataclasses below can be set in the YAML file or on the command line; the command line wins.
+The offline default config ``recipes/configs/vit_digits_ssam.yaml`` is read only when neither ``--config`` nor an
+option choosing the model or the data (``--model_name``, ``--data_dir``, ``--dataset_name``,
+``--dataset_config_name``) is given: ``--model_name vit_base_patch16_224 --data_dir /path`` builds ViT-B/16 at its
+own 224 px with the ``TrainingArguments`` defaults (start real runs from a config). ``--config none`` reads no file;
+``--depth none`` (and likewise ``--image_size``, ``--patch_size``, ``--embed_dim``, ``--num_heads``) undoes a
+config's override and keeps the model's own value.
 The validation split is evaluated for top-1 accuracy (``eval_accuracy`` in the logs); checkpoints and logs go to
 ``--output_dir`` as with any ``Trainer`` run (resume with ``--resume_from_checkpoint``).
 """
@@ -42,37 +51,47 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import timm
 import torch
+from datasets import DatasetDict, load_dataset
 from torch import nn
+from torchvision import transforms
+from transformers import set_seed
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the recipes' shared helpers sit next to this file
+from hf_ssam import SSAMTrainer, SSAMTrainingArguments
 
-import timm  # noqa: E402
-from _data import digits_dataset  # noqa: E402
-from _recipe_utils import (  # noqa: E402
-    CONFIG_DIR,
-    argmax_logits,
-    make_compute_metrics,
-    parse_recipe_args,
-    train_and_evaluate,
-    train_validation_splits,
-)
-from datasets import DatasetDict, load_dataset  # noqa: E402
-from torchvision import transforms  # noqa: E402
-from transformers import set_seed  # noqa: E402
-
-from hf_ssam import SSAMTrainer, SSAMTrainingArguments  # noqa: E402
+if __package__:  # imported as recipes.vit_imagenet, or run with python -m recipes.vit_imagenet
+    from ._data import digits_dataset
+    from ._recipe_utils import (
+        CONFIG_DIR,
+        argmax_logits,
+        make_compute_metrics,
+        parse_recipe_args,
+        train_and_evaluate,
+        train_validation_splits,
+    )
+else:  # run as a file, python recipes/vit_imagenet.py: Python puts this folder first on the import path
+    from _data import digits_dataset
+    from _recipe_utils import (
+        CONFIG_DIR,
+        argmax_logits,
+        make_compute_metrics,
+        parse_recipe_args,
+        train_and_evaluate,
+        train_validation_splits,
+    )
 
 logger = logging.getLogger(__name__)
 
-#: Config read when no ``--config`` is given: the offline digits run.
+#: Config read when neither ``--config`` nor any of ``SELECTORS`` is given: the offline digits run.
 DEFAULT_CONFIG = CONFIG_DIR / "vit_digits_ssam.yaml"
+#: The options that choose the model or the data: any of them on the command line turns the offline default off.
+SELECTORS = ("model_name", "data_dir", "dataset_name", "dataset_config_name")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _IMAGE_COLUMNS = ("image", "img", "pixel_values", "jpg", "png")
@@ -90,11 +109,22 @@ class ModelArguments:
             "help": "Any timm model name, e.g. vit_small_patch16_224, vit_small_patch32_224, vit_base_patch16_224."
         },
     )
-    image_size: int = field(default=224, metadata={"help": "Input resolution (square) for training and evaluation."})
-    patch_size: int | None = field(default=None, metadata={"help": "Override the ViT patch size (timm kwarg)."})
-    depth: int | None = field(default=None, metadata={"help": "Override the number of ViT blocks (timm kwarg)."})
-    embed_dim: int | None = field(default=None, metadata={"help": "Override the ViT width (timm kwarg)."})
-    num_heads: int | None = field(default=None, metadata={"help": "Override the ViT head count (timm kwarg)."})
+    image_size: int | None = field(
+        default=None,
+        metadata={"help": "Input resolution (square) for training and evaluation; none: the model's own (timm)."},
+    )
+    patch_size: int | None = field(
+        default=None, metadata={"help": "Override the ViT patch size (timm kwarg); none: the model's own."}
+    )
+    depth: int | None = field(
+        default=None, metadata={"help": "Override the number of ViT blocks (timm kwarg); none: the model's own."}
+    )
+    embed_dim: int | None = field(
+        default=None, metadata={"help": "Override the ViT width (timm kwarg); none: the model's own."}
+    )
+    num_heads: int | None = field(
+        default=None, metadata={"help": "Override the ViT head count (timm kwarg); none: the model's own."}
+    )
     drop_rate: float = field(default=0.0, metadata={"help": "Dropout before the classifier head."})
     drop_path_rate: float = field(default=0.0, metadata={"help": "Stochastic depth rate."})
 
@@ -160,13 +190,39 @@ class ImageClassifier(nn.Module):
         return {"loss": loss, "logits": logits}
 
 
-def check_arguments(model_args: ModelArguments, data_args: DataArguments) -> None:
-    """Refuse bad options with a message naming them, before anything is loaded."""
-    if not timm.is_model(model_args.model_name):
+def check_model_name(model_name: str) -> None:
+    if not timm.is_model(model_name):
         raise ValueError(
-            f"--model_name {model_args.model_name} is not a timm model; list the names with "
+            f"--model_name {model_name} is not a timm model; list the names with "
             "timm.list_models('vit_*'), e.g. vit_small_patch16_224 or vit_small_patch32_224."
         )
+
+
+def default_image_size(model_name: str) -> int:
+    """The input resolution timm defines for ``model_name`` (its pretrained config; nothing is downloaded)."""
+    check_model_name(model_name)
+    input_size = timm.get_pretrained_cfg_value(model_name, "input_size")
+    if not input_size:
+        raise ValueError(f"--model_name {model_name}: timm defines no input size for it; set --image_size.")
+    return int(input_size[-1])
+
+
+def parse_arguments(argv: Sequence[str] | None = None) -> tuple[ModelArguments, DataArguments, SSAMTrainingArguments]:
+    """The options of a run: ``--config`` (or the offline default) and the command line; see ``parse_recipe_args``.
+
+    An ``--image_size`` left unset is resolved to the model's own input size.
+    """
+    model_args, data_args, training_args = parse_recipe_args(
+        (ModelArguments, DataArguments, SSAMTrainingArguments), argv, DEFAULT_CONFIG, SELECTORS
+    )
+    if model_args.image_size is None:
+        model_args.image_size = default_image_size(model_args.model_name)
+    return model_args, data_args, training_args
+
+
+def check_arguments(model_args: ModelArguments, data_args: DataArguments) -> None:
+    """Refuse bad options with a message naming them, before anything is loaded."""
+    check_model_name(model_args.model_name)
     if data_args.data_dir is not None:
         root = Path(data_args.data_dir).expanduser()
         if not root.is_dir():
@@ -273,7 +329,7 @@ def build_model(model_args: ModelArguments, num_classes: int) -> ImageClassifier
         if (value := getattr(model_args, key)) is not None
     }
     kwargs: dict[str, Any] = {}
-    if model_args.model_name.startswith(("vit_", "deit")):
+    if model_args.image_size is not None and model_args.model_name.startswith(("vit_", "deit")):
         kwargs["img_size"] = model_args.image_size
     model = timm.create_model(
         model_args.model_name,
@@ -289,9 +345,7 @@ def build_model(model_args: ModelArguments, num_classes: int) -> ImageClassifier
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the recipe; returns final validation metrics, last training loss, training wall time and logs."""
-    model_args, data_args, training_args = parse_recipe_args(
-        (ModelArguments, DataArguments, SSAMTrainingArguments), argv, DEFAULT_CONFIG
-    )
+    model_args, data_args, training_args = parse_arguments(argv)
     check_arguments(model_args, data_args)
     # The image columns are turned into pixel_values/labels on the fly: the Trainer must not drop them.
     training_args.remove_unused_columns = False

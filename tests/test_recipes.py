@@ -1,4 +1,5 @@
-"""The recipes under ``recipes/``: configs parse, offline defaults train end to end, bad input fails early.
+"""The recipes under ``recipes/``: configs parse, options resolve, offline defaults train end to end, bad input
+fails early.
 
 Each offline default runs a handful of optimizer steps on a small subset (no download); the full runs and
 their accuracy are documented in ``docs/recipes.md``.
@@ -7,26 +8,25 @@ their accuracy are documented in ``docs/recipes.md``.
 from __future__ import annotations
 
 import math
+import os
+import runpy
+import subprocess
 import sys
 import types
 from pathlib import Path
 
 import numpy as np
 import pytest
+import timm
 import yaml
 from PIL import Image
-from transformers import EvalPrediction, HfArgumentParser
+from transformers import AutoTokenizer, EvalPrediction, HfArgumentParser
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-sys.path.insert(0, str(RECIPES))
+from hf_ssam import SSAMTrainingArguments
+from recipes import _recipe_utils, demo, text_classification, vit_imagenet
 
-import _recipe_utils  # noqa: E402
-import demo  # noqa: E402
-import text_classification  # noqa: E402
-import vit_imagenet  # noqa: E402
-
-from hf_ssam import SSAMTrainingArguments  # noqa: E402
-
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = ROOT / "recipes"
 CONFIGS = sorted((RECIPES / "configs").glob("*.yaml"))
 RECIPE_OF_CONFIG = {"vit": vit_imagenet, "text": text_classification}
 SHORT_RUN = "--max_steps 3 --logging_steps 1 --eval_strategy no --disable_tqdm true".split()
@@ -44,6 +44,7 @@ def test_every_config_parses_into_the_argument_dataclasses(config: Path) -> None
     # use_cpu: the GPU configs ask for bf16, which TrainingArguments refuses on a machine without a GPU.
     _, data_args, training_args = parser.parse_dict({**values, "use_cpu": True})
     assert training_args.sam_variant in ("none", "sam", "usam", "asam", "ssam")
+    assert "use_cpu" not in values, "a config must not pin the device: it would carry over to real runs"
     assert config.read_text().startswith("#"), "every config starts with a header comment"
 
 
@@ -84,10 +85,8 @@ def test_accelerate_configs_load(name: str) -> None:
 
 def test_command_line_overrides_the_yaml() -> None:
     config = RECIPES / "configs" / "vit_s16_ssam.yaml"
-    model_args, data_args, training_args = _recipe_utils.parse_recipe_args(
-        _dataclasses(vit_imagenet),
-        ["--config", str(config), "--learning_rate", "0.01", "--sam_variant", "sam", "--use_cpu", "true"],
-        vit_imagenet.DEFAULT_CONFIG,
+    model_args, data_args, training_args = vit_imagenet.parse_arguments(
+        ["--config", str(config), "--learning_rate", "0.01", "--sam_variant", "sam", "--use_cpu", "true"]
     )
     assert training_args.learning_rate == 0.01 and training_args.sam_variant == "sam"  # from the command line
     assert training_args.weight_decay == 0.3 and model_args.model_name == "vit_small_patch16_224"  # from the YAML
@@ -98,6 +97,166 @@ def test_unknown_config_key_is_refused(tmp_path: Path) -> None:
     config.write_text("learning_rate: 1.0e-3\nsam_rhoo: 0.1\n")
     with pytest.raises(ValueError, match="sam_rhoo"):
         vit_imagenet.main(["--config", str(config)])
+
+
+def _offline_values(recipe: types.ModuleType) -> dict:
+    return yaml.safe_load(recipe.DEFAULT_CONFIG.read_text())
+
+
+def _resolved(args: tuple, name: str) -> object:
+    return next(getattr(a, name) for a in args if hasattr(a, name))
+
+
+@pytest.mark.parametrize(
+    ("recipe", "argv"),
+    [
+        (vit_imagenet, []),
+        (vit_imagenet, ["--sam_variant", "none", "--max_train_samples", "96"]),
+        (text_classification, []),
+        (text_classification, ["--sam_variant", "sam", "--max_eval_samples", "64"]),
+    ],
+)
+def test_offline_default_applies_when_no_model_or_data_option_is_given(
+    recipe: types.ModuleType, argv: list[str]
+) -> None:
+    args = recipe.parse_arguments(argv)
+    given = {name.lstrip("-") for name in argv[::2]}
+    expected = {key: value for key, value in _offline_values(recipe).items() if key not in given}
+    for key in ("model_name", "image_size", "depth", "dataset_name", "model_name_or_path", "max_seq_length"):
+        if key in expected:
+            assert _resolved(args, key) == expected[key], key
+    training_args = args[2]
+    assert training_args.learning_rate == expected["learning_rate"] and training_args.seed == expected["seed"]
+    assert training_args.use_cpu is False
+
+
+@pytest.mark.parametrize(
+    ("recipe", "argv"),
+    [
+        (vit_imagenet, ["--model_name", "vit_base_patch16_224", "--data_dir", "/path/to/imagenet"]),
+        (vit_imagenet, ["--model_name", "vit_tiny_patch16_384"]),
+        (vit_imagenet, ["--dataset_name", "cifar10"]),
+        (vit_imagenet, ["--config", "none"]),
+        (text_classification, ["--model_name_or_path", "bert-base-uncased"]),
+        (text_classification, ["--train_file", "train.csv"]),
+        (text_classification, ["--config", "none"]),
+    ],
+)
+def test_a_model_or_data_option_turns_the_offline_default_off(recipe: types.ModuleType, argv: list[str]) -> None:
+    args = recipe.parse_arguments(argv)
+    # The reference: the same options through a plain HfArgumentParser, no YAML anywhere.
+    plain_argv = [] if argv == ["--config", "none"] else argv
+    plain = HfArgumentParser(_dataclasses(recipe)).parse_args_into_dataclasses(plain_argv)
+    for key in _offline_values(recipe):
+        if key != "image_size":  # resolved from the model, below
+            assert _resolved(args, key) == _resolved(plain, key), f"{key} leaked from the offline default config"
+    training_args = args[2]
+    assert training_args.use_cpu is False and training_args.max_steps == -1
+    if recipe is vit_imagenet:
+        model_args = args[0]
+        assert (model_args.patch_size, model_args.depth, model_args.embed_dim, model_args.num_heads) == (None,) * 4
+        own_size = timm.get_pretrained_cfg_value(model_args.model_name, "input_size")[-1]
+        assert model_args.image_size == own_size == (384 if model_args.model_name.endswith("384") else 224)
+    else:
+        assert args[0].max_seq_length is None  # resolved from the model's tokenizer when it is loaded
+
+
+def _parameter_shapes(model: object) -> dict[str, tuple[int, ...]]:
+    return {name: tuple(p.shape) for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--model_name", "vit_tiny_patch16_384"],
+        # The offline config asked for explicitly, each size override undone with `none`:
+        ["--config", str(vit_imagenet.DEFAULT_CONFIG), "--model_name", "vit_tiny_patch16_384"]
+        + "--image_size none --patch_size none --depth none --embed_dim none --num_heads null".split(),
+    ],
+    ids=["model_name_alone", "offline_config_with_sizes_unset"],
+)
+def test_vit_model_name_gives_that_timm_model_at_its_own_image_size(argv: list[str]) -> None:
+    model_args, _, _ = vit_imagenet.parse_arguments(argv)
+    assert model_args.image_size == 384
+    built = vit_imagenet.build_model(model_args, num_classes=10).model
+    reference = timm.create_model("vit_tiny_patch16_384", pretrained=False, num_classes=10)
+    assert _parameter_shapes(built) == _parameter_shapes(reference)
+    assert built.patch_embed.img_size == (384, 384) and len(built.blocks) == 12 and built.embed_dim == 192
+    assert built.pos_embed.shape == (1, 1 + (384 // 16) ** 2, 192)
+
+
+def test_size_overrides_given_on_the_command_line_still_apply() -> None:
+    sizes = "--image_size 64 --patch_size 16 --depth 2 --embed_dim 48 --num_heads 2"
+    model_args, _, _ = vit_imagenet.parse_arguments(["--model_name", "vit_tiny_patch16_384", *sizes.split()])
+    built = vit_imagenet.build_model(model_args, num_classes=3).model
+    assert built.patch_embed.img_size == (64, 64) and len(built.blocks) == 2 and built.embed_dim == 48
+    assert built.blocks[0].attn.num_heads == 2 and built.pos_embed.shape == (1, 1 + 4 * 4, 48)
+
+
+def test_text_options_accept_none_to_unset_a_config_value() -> None:
+    model_args, data_args, training_args = text_classification.parse_arguments(
+        ["--max_seq_length", "none", "--max_train_samples", "null"]
+    )
+    assert model_args.max_seq_length is None and data_args.max_train_samples is None
+    assert data_args.dataset_name == "vader" and training_args.max_steps == 150  # still the offline default
+
+
+def test_hub_text_model_alone_gets_that_models_own_sequence_length() -> None:
+    model_args, data_args, training_args = text_classification.parse_arguments(
+        ["--model_name_or_path", "sentence-transformers/all-MiniLM-L6-v2"]
+    )
+    assert (model_args.max_seq_length, data_args.dataset_name, training_args.max_steps) == (None, None, -1)
+    path = text_classification.resolve_model(model_args.model_name_or_path)  # bundled: nothing is downloaded
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    config = text_classification.AutoConfig.from_pretrained(path)
+    # all-MiniLM-L6-v2 ships tokenizer_config.json with model_max_length 512 (and 512 position embeddings)
+    assert text_classification.resolve_max_seq_length(None, tokenizer, config) == 512
+
+
+def test_max_seq_length_resolution_order() -> None:
+    resolve = text_classification.resolve_max_seq_length
+    tokenizer = types.SimpleNamespace(model_max_length=48)
+    no_limit = types.SimpleNamespace(model_max_length=int(1e30))  # what tokenizers report without a limit
+    config = types.SimpleNamespace(max_position_embeddings=64)
+    assert resolve(16, tokenizer, config) == 16
+    assert resolve(None, tokenizer, config) == 48
+    assert resolve(None, no_limit, config) == 64
+    with pytest.raises(ValueError, match="set --max_seq_length"):
+        resolve(None, no_limit, types.SimpleNamespace())
+    with pytest.raises(ValueError, match="--max_seq_length 0"):
+        resolve(0, tokenizer, config)
+
+
+@pytest.mark.parametrize("recipe", ["vit_imagenet", "text_classification"])
+@pytest.mark.parametrize("style", ["module", "file"])
+def test_recipe_runs_as_a_module_and_as_a_file(
+    recipe: str, style: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``python -m recipes.<name> --help`` and ``python recipes/<name>.py --help``, in this process."""
+    monkeypatch.setattr(sys, "argv", [recipe, "--help"])
+    with pytest.raises(SystemExit) as exit_info:
+        if style == "module":
+            monkeypatch.delitem(sys.modules, f"recipes.{recipe}")  # run it afresh, as `python -m` does
+            runpy.run_module(f"recipes.{recipe}", run_name="__main__", alter_sys=True)
+        else:
+            monkeypatch.syspath_prepend(str(RECIPES))  # what `python recipes/<name>.py` does
+            runpy.run_path(str(RECIPES / f"{recipe}.py"), run_name="__main__")
+    assert exit_info.value.code == 0
+    assert "--config CONFIG" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("style", ["module", "file"])
+def test_recipe_runs_as_a_module_and_as_a_file_in_a_new_interpreter(style: str, tmp_path: Path) -> None:
+    # hf_ssam importable as if installed, the repository root not on the import path: as for a user.
+    (tmp_path / "hf_ssam").symlink_to(ROOT / "hf_ssam", target_is_directory=True)
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    command = ["-m", "recipes.vit_imagenet"] if style == "module" else ["recipes/vit_imagenet.py"]
+    result = subprocess.run(
+        [sys.executable, *command, "--help"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    assert "--depth DEPTH" in result.stdout and "--config CONFIG" in result.stdout
 
 
 def _finite_loss_and_metric(result: dict) -> None:
@@ -120,7 +279,9 @@ def test_vit_runs_on_an_image_folder(tmp_path: Path) -> None:
             for i in range(6):
                 Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(folder / f"{i}.png")
     argv = f"--output_dir {tmp_path / 'out'} --data_dir {tmp_path / 'data'} --cache_dir {tmp_path / 'cache'}".split()
-    _finite_loss_and_metric(vit_imagenet.main(SHORT_RUN + argv + ["--per_device_train_batch_size", "4"]))
+    # --data_dir turns the offline default off; the digits config is asked for explicitly to keep the model small.
+    argv += ["--config", str(vit_imagenet.DEFAULT_CONFIG), "--per_device_train_batch_size", "4"]
+    _finite_loss_and_metric(vit_imagenet.main(SHORT_RUN + argv))
 
 
 def test_text_offline_default_runs(tmp_path: Path) -> None:
@@ -158,7 +319,10 @@ def test_vit_bad_input_fails_before_training(argv: list[str], message: str) -> N
     ("argv", "message"),
     [
         (["--train_file", "/no/such/train.csv"], "--train_file /no/such/train.csv does not exist"),
-        (["--model_name_or_path", "/no/such/model"], "--model_name_or_path /no/such/model is neither"),
+        (
+            ["--model_name_or_path", "/no/such/model", "--dataset_name", "vader"],
+            "--model_name_or_path /no/such/model is neither",
+        ),
     ],
 )
 def test_text_bad_input_fails_before_training(argv: list[str], message: str) -> None:
