@@ -8,6 +8,7 @@ scheduler, logging and checkpoints stay the Trainer's (or the subclass's).
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -92,10 +93,10 @@ class SSAMMixin:
 
     def __init__(self, *posargs: Any, **kwargs: Any) -> None:
         _refuse_online_rl(type(self))
-        if len(posargs) >= 2:
-            posargs = (posargs[0], _promote(posargs[1]), *posargs[2:])
-        elif kwargs.get("args") is not None:
-            kwargs["args"] = _promote(kwargs["args"])
+        bound = inspect.signature(super().__init__).bind_partial(*posargs, **kwargs)
+        if bound.arguments.get("args") is not None:  # `args` is not always the second parameter (DPOTrainer)
+            bound.arguments["args"] = _promote(bound.arguments["args"])
+        posargs, kwargs = bound.args, bound.kwargs
         super().__init__(*posargs, **kwargs)
         if not isinstance(self.args, _SAMArgumentsMixin):  # the subclass built its own default arguments
             self.args = _promote(self.args)
