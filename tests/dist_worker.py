@@ -18,9 +18,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Dataset, SequentialSampler
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback
 
-from hf_ssam import SSAMTrainer, SSAMTrainingArguments
+from hf_ssam import SSAMMixin, SSAMTrainer, SSAMTrainingArguments
 
 
 class Regression(Dataset):
@@ -49,6 +49,17 @@ class MLP(nn.Module):
 class InOrder(SSAMTrainer):
     def _get_train_sampler(self, *args, **kwargs):
         return SequentialSampler(self.train_dataset)
+
+
+class UserTrainer(Trainer):
+    """A Trainer subclass wrapping training_step, as TRL's do."""
+
+    def training_step(self, *args, **kwargs):
+        return super().training_step(*args, **kwargs)
+
+
+class MixinInOrder(SSAMMixin, UserTrainer):
+    _get_train_sampler = InOrder._get_train_sampler
 
 
 class CountAllReduce(TrainerCallback):
@@ -109,7 +120,8 @@ def run(out: str, spec: dict) -> None:
     model = MLP(spec.get("dropout", 0.0))
     opt = torch.optim.SGD(model.parameters(), lr=args.learning_rate, momentum=0.9)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
-    trainer = InOrder(model=model, args=args, train_dataset=Regression(), optimizers=(opt, sched))
+    cls = MixinInOrder if spec.get("mixin") else InOrder
+    trainer = cls(model=model, args=args, train_dataset=Regression(), optimizers=(opt, sched))
     counter = CountAllReduce(trainer)
     trainer.add_callback(counter)
     trainer.train()

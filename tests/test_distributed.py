@@ -21,8 +21,13 @@ REPLICA_RUNS = [
     {"name": f"{v}-ga{k}-{'sync' if sync else 'local'}", "variant": v, "batch": 4, "accumulation": k, "sync": sync,
      "dropout": 0.1, "max_grad_norm": 1.0}
     for v in VARIANTS for k in (1, 2) for sync in (False, True) if not (v == "none" and sync)
+] + [
+    {"name": f"mixin-ssam-ga2-{'sync' if sync else 'local'}", "variant": "ssam", "batch": 4, "accumulation": 2,
+     "sync": sync, "dropout": 0.1, "max_grad_norm": 1.0, "mixin": True}
+    for sync in (False, True)
 ]  # fmt: skip
 EQUIVALENCE = [{"name": f"eq-{v}", "variant": v, "sync": True, "rho": 0.1, "steps": 10} for v in ("ssam", "sam")]
+EQUIVALENCE += [{"name": "eq-mixin-ssam", "variant": "ssam", "sync": True, "rho": 0.1, "steps": 10, "mixin": True}]
 
 
 def _launch(out: Path, runs: list[dict], nproc: int) -> None:
@@ -66,7 +71,7 @@ def test_logged_metrics_are_the_same_on_every_rank(results, run):
         assert all("sam/gamma" in h for h in logs0 if "loss" in h)
 
 
-@pytest.mark.parametrize("variant", ["ssam", "sam"])
+@pytest.mark.parametrize("variant", ["ssam", "sam", "mixin-ssam"])
 def test_synchronized_ascent_equals_one_process_with_the_global_batch(results, variant):
     two = results(f"eq-{variant}")["weights"]
     one = results(f"eq-{variant}-single")["weights"]
@@ -92,10 +97,11 @@ def test_local_ascent_sends_no_more_gradient_traffic_than_plain_training(results
     assert synced["ddp_buckets"] == [2] and synced["explicit_tensor"] == [0]
 
 
-def test_accumulation_local_mode_reduces_once_per_optimizer_step(results):
-    counts = _per_step(results, "ssam-ga2-local")
+@pytest.mark.parametrize("prefix", ["", "mixin-"])
+def test_accumulation_local_mode_reduces_once_per_optimizer_step(results, prefix):
+    counts = _per_step(results, f"{prefix}ssam-ga2-local")
     assert counts["ddp_buckets"] == [0] and counts["explicit_tensor"] == [1]
-    assert _per_step(results, "ssam-ga2-sync")["ddp_buckets"] == [4]  # 2 passes × 2 micro-batches
+    assert _per_step(results, f"{prefix}ssam-ga2-sync")["ddp_buckets"] == [4]  # 2 passes × 2 micro-batches
 
 
 def test_accelerate_launch_starts_two_processes_on_cpu(tmp_path):

@@ -146,8 +146,8 @@ def test_sft_one_step_equals_the_hand_update(tmp_path):
 
 def _first_record(trainer):
     trainer.train()
-    return {k: v for k, v in trainer.state.log_history[0].items()
-            if k != "grad_norm" and not k.startswith("sam/") and "runtime" not in k and "per_second" not in k}  # fmt: skip
+    skip = ("grad_norm", "runtime", "per_second")
+    return {k: v for k, v in trainer.state.log_history[0].items() if not k.startswith("sam/") and not k.endswith(skip)}
 
 
 def test_sft_metrics_are_counted_once_from_the_pass_at_w(tmp_path):
@@ -308,9 +308,9 @@ def test_seq2seq_one_step_equals_the_hand_update_and_generation_still_works(tmp_
     from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments
 
     model, reference = _tiny_bart(), _tiny_bart()
-    args = sam_arguments(Seq2SeqTrainingArguments)(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=4,
-                                                   predict_with_generate=True, generation_max_length=5,
-                                                   per_device_eval_batch_size=4, **COMMON)  # fmt: skip
+    args_cls = sam_arguments(Seq2SeqTrainingArguments)
+    args = args_cls(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=4, predict_with_generate=True,
+                    generation_max_length=5, per_device_eval_batch_size=4, **COMMON)  # fmt: skip
     data = _pairs()
     trainer = Capture.of(Seq2SeqTrainer)(model=model, args=args, train_dataset=data, eval_dataset=data,
                                          optimizers=(torch.optim.SGD(model.parameters(), lr=LR), None))  # fmt: skip
@@ -344,7 +344,7 @@ def test_sentence_transformers_one_step_equals_the_hand_update(tmp_path):
 
     model, reference = load(), load()
     pairs = Dataset.from_dict({"anchor": ["a cat sat", "dogs run fast", "the sky is blue", "I like tea"],
-                               "positive": ["a kitten rested", "a dog sprints", "blue sky", "tea is nice"]})  # fmt: skip
+                               "positive": ["a kitten rested", "a dog runs", "blue sky", "tea is nice"]})  # fmt: skip
     args = sam_arguments(SentenceTransformerTrainingArguments)(output_dir=str(tmp_path), max_steps=1,
                                                                per_device_train_batch_size=4, **COMMON)  # fmt: skip
     trainer = Capture.of(SentenceTransformerTrainer)(

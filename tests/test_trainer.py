@@ -8,9 +8,9 @@ import torch
 from _reference import data, sam_gradient
 from torch import nn
 from torch.utils.data import Dataset, SequentialSampler
-from transformers import TrainingArguments
+from transformers import Trainer, TrainingArguments
 
-from hf_ssam import VARIANTS, SSAMTrainer, SSAMTrainingArguments
+from hf_ssam import VARIANTS, SSAMMixin, SSAMTrainer, SSAMTrainingArguments
 
 LR = 0.1
 VARIANT_RENORM = [(v, None) for v in VARIANTS] + [(v, True) for v in ("sam", "usam", "asam")]
@@ -47,6 +47,24 @@ class InOrder(SSAMTrainer):
         return SequentialSampler(self.train_dataset)
 
 
+class _UserTrainer(Trainer):
+    """A Trainer subclass with its own training_step wrapper, as TRL's trainers have."""
+
+    def training_step(self, *args, **kwargs):
+        return super().training_step(*args, **kwargs)
+
+
+class MixinInOrder(SSAMMixin, _UserTrainer):
+    def _get_train_sampler(self, *args, **kwargs):
+        return SequentialSampler(self.train_dataset)
+
+
+@pytest.fixture(params=[InOrder, MixinInOrder], ids=["SSAMTrainer", "SSAMMixin+subclass"])
+def trainer_cls(request):
+    """The core guarantees hold for SSAMTrainer and for SSAMMixin composed with another Trainer subclass."""
+    return request.param
+
+
 def _args(tmp_path, **kw) -> SSAMTrainingArguments:
     base = dict(
         output_dir=str(tmp_path),
@@ -80,10 +98,10 @@ def _sgd_trainer(tmp_path, theta, x, y, cls=InOrder, **kw):
 
 
 @pytest.mark.parametrize("variant, renormalize", VARIANT_RENORM)
-def test_one_step_matches_hand_computation(tmp_path, variant, renormalize):
+def test_one_step_matches_hand_computation(tmp_path, variant, renormalize, trainer_cls):
     theta, x, y = data(n=8)
     trainer = _sgd_trainer(
-        tmp_path, theta, x, y, sam_variant=variant, sam_rho=0.2, sam_renormalize=renormalize,
+        tmp_path, theta, x, y, cls=trainer_cls, sam_variant=variant, sam_rho=0.2, sam_renormalize=renormalize,
         per_device_train_batch_size=8, max_steps=1,
     )  # fmt: skip
     trainer.train()
@@ -171,10 +189,10 @@ def test_restore_is_exact(tmp_path, bf16):
         assert torch.equal(v, before[k]), k
 
 
-def test_bf16_trains_and_matches_the_hand_computation_within_bf16_tolerance(tmp_path):
+def test_bf16_trains_and_matches_the_hand_computation_within_bf16_tolerance(tmp_path, trainer_cls):
     theta, x, y = data(n=8)
     theta32, x32, y32 = theta.astype(np.float32), x.astype(np.float32), y.astype(np.float32)
-    trainer = _sgd_trainer(tmp_path, theta32, x32, y32, sam_variant="ssam", sam_rho=0.2,
+    trainer = _sgd_trainer(tmp_path, theta32, x32, y32, cls=trainer_cls, sam_variant="ssam", sam_rho=0.2,
                            per_device_train_batch_size=8, max_steps=1, bf16=True)  # fmt: skip
     trainer.train()
     g_sam, _ = sam_gradient("ssam", theta, x, y, 0.2)
@@ -187,10 +205,10 @@ def test_bf16_trains_and_matches_the_hand_computation_within_bf16_tolerance(tmp_
 
 @pytest.mark.parametrize("k", [1, 2, 4])
 @pytest.mark.parametrize("variant", ["ssam", "usam", "sam", "asam"])
-def test_gradient_accumulation_averages_per_micro_batch_sam_gradients(tmp_path, k, variant):
+def test_gradient_accumulation_averages_per_micro_batch_sam_gradients(tmp_path, k, variant, trainer_cls):
     theta, x, y = data(n=8)
     b = 8 // k
-    trainer = _sgd_trainer(tmp_path, theta, x, y, sam_variant=variant, sam_rho=0.2,
+    trainer = _sgd_trainer(tmp_path, theta, x, y, cls=trainer_cls, sam_variant=variant, sam_rho=0.2,
                            per_device_train_batch_size=b, gradient_accumulation_steps=k, max_steps=1)  # fmt: skip
     trainer.train()
     per_micro = [sam_gradient(variant, theta, x[i * b : (i + 1) * b], y[i * b : (i + 1) * b], 0.2) for i in range(k)]
@@ -384,8 +402,9 @@ def test_zero_gradient_never_produces_nan(tmp_path):
 # ------------------------------------------------------------------------------------------- 9. resume
 
 
-def test_checkpoint_resume_continues_exactly(tmp_path):
+def test_checkpoint_resume_continues_exactly(tmp_path, trainer_cls):
     _, x, y = data(n=32, d=4)
+    cls = SSAMTrainer if trainer_cls is InOrder else MixinInOrder
     ds = Pairs(x.astype(np.float32), y.astype(np.float32))
 
     def run(out, max_steps, resume=None, save_steps=None):
@@ -393,7 +412,7 @@ def test_checkpoint_resume_continues_exactly(tmp_path):
         args = _args(out, sam_variant="ssam", sam_rho=0.1, per_device_train_batch_size=4, max_steps=max_steps,
                      learning_rate=0.01, lr_scheduler_type="linear", save_strategy="steps" if save_steps else "no",
                      save_steps=save_steps or 500, gradient_accumulation_steps=2)  # fmt: skip
-        trainer = SSAMTrainer(model=model, args=args, train_dataset=ds)
+        trainer = cls(model=model, args=args, train_dataset=ds)
         trainer.train(resume_from_checkpoint=resume)
         return model
 
