@@ -121,8 +121,17 @@ def test_rho_zero_reproduces_the_base_optimizer_exactly(tmp_path, variant):
     runs = []
     for v, rho in ((variant, 0.0), ("none", 0.05)):
         model = LinReg(theta)
-        args = _args(tmp_path, sam_variant=v, sam_rho=rho, per_device_train_batch_size=4, max_steps=6,
-                     gradient_accumulation_steps=2, max_grad_norm=1.0, lr_scheduler_type="linear", learning_rate=0.05)
+        args = _args(
+            tmp_path,
+            sam_variant=v,
+            sam_rho=rho,
+            per_device_train_batch_size=4,
+            max_steps=6,
+            gradient_accumulation_steps=2,
+            max_grad_norm=1.0,
+            lr_scheduler_type="linear",
+            learning_rate=0.05,
+        )
         trainer = SSAMTrainer(model=model, args=args, train_dataset=Pairs(x, y))  # AdamW, shuffled data
         trainer.train()
         runs.append((_theta(model), [h.get("loss") for h in trainer.state.log_history]))
