@@ -155,13 +155,16 @@ class SSAMMixin:
                 asam_eta=args.sam_asam_eta,
                 grad_unscale=grad_unscale,
             )
-            perturb = bool(torch.isfinite(scale) & (grad_norm > 0) & torch.isfinite(grad_norm))  # one host sync
-            if perturb:
-                backup = self._backup_buffers(with_grad)
-                torch._foreach_copy_(backup, with_grad)  # save w
-                F.ascend(
-                    with_grad, grads, scale, variant=args.sam_variant, asam_eta=args.sam_asam_eta, overwrite_grads=True
-                )  # w + e
+            valid = torch.isfinite(scale) & torch.isfinite(grad_norm) & (grad_norm > 0)  # on device: no host sync
+            scale = torch.where(valid, scale, torch.zeros_like(scale))  # zero or non-finite ‖g‖: e = 0
+            if self._loss_scaled():
+                for g in grads:  # an fp16 overflow (inf in g) must not turn e = 0·g into NaN
+                    torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
+            backup = self._backup_buffers(with_grad)
+            torch._foreach_copy_(backup, with_grad)  # save w
+            F.ascend(
+                with_grad, grads, scale, variant=args.sam_variant, asam_eta=args.sam_asam_eta, overwrite_grads=True
+            )  # w + e
             for p in with_grad:
                 p.grad = None  # g is no longer needed: free it before the second pass (peak memory)
             del grads
@@ -177,8 +180,7 @@ class SSAMMixin:
             ascent_loss = super().training_step(model, _shallow_copy(inputs), num_items_in_batch)  # g_asc
 
         with torch.no_grad():
-            if perturb:
-                F.restore_(with_grad, backup)  # w, exactly
+            F.restore_(with_grad, backup)  # w, exactly
             with_grad = [p for p in params if p.grad is not None]
             ascent_grads = [p.grad for p in with_grad]
             ascent_grad_norm = F.global_norm(ascent_grads)  # ‖g_asc‖ (stored units)
@@ -189,7 +191,7 @@ class SSAMMixin:
             _give_back_grads(params, stash)  # + earlier micro-batches
             if not args.sam_sync_ascent and self.accelerator.sync_gradients and _is_ddp(model):
                 self._all_reduce_grads(params)
-            skipped = rescale_skipped if renormalize and perturb else torch.tensor(not perturb)
+            skipped = ~valid | rescale_skipped if renormalize else ~valid
             self._record(grad_norm * grad_unscale, ascent_grad_norm * grad_unscale, gamma, ascent_loss, skipped, k)
         return loss
 
@@ -241,10 +243,10 @@ class SSAMMixin:
                 self.model_accepts_loss_kwargs and num_items_in_batch is not None
             ) or self.compute_loss_func is not None
         if not scaled_for_ga:
-            return like.new_tensor(k / loss_scale)  # stored = loss_scale · g / k
+            return like.new_tensor(k) / loss_scale  # stored = loss_scale · g / k
         n_i = _count_items(inputs, getattr(self, "_loss_shifts_labels", False))
         if num_items_in_batch is None or n_i is None:
-            return like.new_tensor(1.0 / loss_scale)  # a loss normalized by its own compute_loss: used as is
+            return like.new_tensor(1.0) / loss_scale  # a loss normalized by its own compute_loss: used as is
         total = torch.as_tensor(num_items_in_batch).to(like.device, like.dtype).reshape(())  # N
         n_i = n_i.to(like.device, like.dtype)
         across = self.args.average_tokens_across_devices and (
@@ -261,12 +263,17 @@ class SSAMMixin:
         factor = torch.where(n_i > 0, factor, torch.ones_like(factor))  # no items: the gradient is zero anyway
         return factor / loss_scale
 
-    def _loss_scale(self) -> float:
-        """The fp16 loss scale currently multiplying the gradients (1 without a scaler)."""
+    def _loss_scaled(self) -> bool:
         scaler = getattr(self.accelerator, "scaler", None)
-        if scaler is None or not scaler.is_enabled():
+        return scaler is not None and scaler.is_enabled()
+
+    def _loss_scale(self) -> float | torch.Tensor:
+        """The fp16 loss scale multiplying the gradients (1 without a scaler), as a device tensor: no host sync."""
+        if not self._loss_scaled():
             return 1.0
-        return float(scaler.get_scale())
+        scaler = self.accelerator.scaler
+        scale = scaler._get_scale_async() if hasattr(scaler, "_get_scale_async") else None
+        return scaler.get_scale() if scale is None else scale
 
     @contextlib.contextmanager
     def _pass_sync_context(self, model: nn.Module) -> Iterator[None]:

@@ -51,6 +51,24 @@ class InOrder(SSAMTrainer):
         return SequentialSampler(self.train_dataset)
 
 
+class Guarded(InOrder):
+    """Fails the run if the SAM step calls bool()/.item()/.cpu() on a tensor (a host synchronisation)."""
+
+    def training_step(self, *args, **kwargs):
+        saved = {name: getattr(torch.Tensor, name) for name in ("__bool__", "item", "cpu", "tolist")}
+
+        def refuse(self, *a, **k):
+            raise RuntimeError("host synchronisation inside the SAM step")
+
+        for name in saved:
+            setattr(torch.Tensor, name, refuse)
+        try:
+            return super().training_step(*args, **kwargs)
+        finally:
+            for name, method in saved.items():
+                setattr(torch.Tensor, name, method)
+
+
 class UserTrainer(Trainer):
     """A Trainer subclass wrapping training_step, as TRL's do."""
 
@@ -120,7 +138,7 @@ def run(out: str, spec: dict) -> None:
     model = MLP(spec.get("dropout", 0.0))
     opt = torch.optim.SGD(model.parameters(), lr=args.learning_rate, momentum=0.9)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
-    cls = MixinInOrder if spec.get("mixin") else InOrder
+    cls = MixinInOrder if spec.get("mixin") else Guarded if spec.get("guard_host_sync") else InOrder
     trainer = cls(model=model, args=args, train_dataset=Regression(), optimizers=(opt, sched))
     counter = CountAllReduce(trainer)
     trainer.add_callback(counter)

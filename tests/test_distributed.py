@@ -25,6 +25,10 @@ REPLICA_RUNS = [
     {"name": f"mixin-ssam-ga2-{'sync' if sync else 'local'}", "variant": "ssam", "batch": 4, "accumulation": 2,
      "sync": sync, "dropout": 0.1, "max_grad_norm": 1.0, "mixin": True}
     for sync in (False, True)
+] + [
+    {"name": f"guarded-ssam-ga2-{'sync' if sync else 'local'}", "variant": "ssam", "batch": 4, "accumulation": 2,
+     "sync": sync, "dropout": 0.1, "max_grad_norm": 1.0, "guard_host_sync": True}
+    for sync in (False, True)
 ]  # fmt: skip
 EQUIVALENCE = [{"name": f"eq-{v}", "variant": v, "sync": True, "rho": 0.1, "steps": 10} for v in ("ssam", "sam")]
 EQUIVALENCE += [{"name": "eq-mixin-ssam", "variant": "ssam", "sync": True, "rho": 0.1, "steps": 10, "mixin": True}]
@@ -97,7 +101,7 @@ def test_local_ascent_sends_no_more_gradient_traffic_than_plain_training(results
     assert synced["ddp_buckets"] == [2] and synced["explicit_tensor"] == [0]
 
 
-@pytest.mark.parametrize("prefix", ["", "mixin-"])
+@pytest.mark.parametrize("prefix", ["", "mixin-", "guarded-"])
 def test_accumulation_local_mode_reduces_once_per_optimizer_step(results, prefix):
     counts = _per_step(results, f"{prefix}ssam-ga2-local")
     assert counts["ddp_buckets"] == [0] and counts["explicit_tensor"] == [1]
