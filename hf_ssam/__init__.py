@@ -31,12 +31,15 @@ __all__ = [
     "__version__",
     "freeze_batchnorm_stats",
     "functional",
+    "sharpness",
 ]
 
 _LAZY = {"SSAMTrainer": ".trainer", "METRIC_NAMES": ".trainer", "SSAMTrainingArguments": ".arguments"}
 
 
 def __getattr__(name: str) -> Any:
+    if name == "sharpness":  # a submodule that needs transformers: imported on first use
+        return importlib.import_module(".sharpness", __name__)
     if name in _LAZY:
         value = getattr(importlib.import_module(_LAZY[name], __name__), name)
         globals()[name] = value
