@@ -158,6 +158,8 @@ def _lanczos_top(
     while True:
         w = matvec(basis[filled])
         products += 1
+        if not bool(torch.isfinite(w).all()):  # diverged weights: there is no meaningful spectrum to report
+            return [math.nan] * k, 0.0, products
         current = basis[: filled + 1]
         h = current @ w
         w -= current.T @ h
@@ -248,8 +250,9 @@ def top_hessian_eigenvalues(
         max_seconds (`float`, *optional*): Stop after this much wall time (at least one product is made).
 
     Returns:
-        `list[float]`: k eigenvalue estimates, descending. A `RuntimeWarning` says when ``max_iter`` or
-        ``max_seconds`` stopped the iteration before ``tol`` was reached.
+        `list[float]`: k eigenvalue estimates, descending (NaN where the loss or its Hessian is not finite, as
+        after divergence). A `RuntimeWarning` says when ``max_iter`` or ``max_seconds`` stopped the iteration
+        before ``tol`` was reached.
     """
     _check_lanczos_options(k, max_iter, tol, max_seconds)
     params = _trainable(model)
@@ -285,7 +288,7 @@ def sam_sharpness(model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], rho
     ``L`` is the mean of ``loss_fn(model, batch)`` over ``batches`` in evaluation mode and ``g = ∇L(w)`` with
     respect to the trainable parameters. Costs one forward and backward plus one forward per batch. Weights,
     ``.grad``, BatchNorm buffers, train/eval mode and RNG state are left exactly as they were (the weights are
-    copied back, bit for bit). Returns 0 where ``‖g‖ = 0``.
+    copied back, bit for bit). Returns 0 where ``‖g‖ = 0`` and NaN where the loss or ``g`` is not finite.
 
     Args:
         model (`nn.Module`): Any module.
@@ -308,7 +311,9 @@ def sam_sharpness(model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], rho
             loss += float(value.detach())
         loss /= len(batches)
         norm = math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads)) / len(batches)  # ‖g‖
-        if norm == 0.0 or not math.isfinite(norm) or rho == 0:
+        if not (math.isfinite(norm) and math.isfinite(loss)):
+            return math.nan
+        if norm == 0.0 or rho == 0:
             return 0.0
         backup = [p.detach().clone() for p in params]
         try:

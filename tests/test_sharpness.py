@@ -7,6 +7,7 @@ Exact references: ``torch.autograd.functional.hessian`` of the loss as a functio
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -250,6 +251,14 @@ def test_sam_sharpness_is_zero_at_a_stationary_point_and_for_rho_zero() -> None:
         model.weight.zero_()
     assert sam_sharpness(model, lambda m, _: (m.weight**2).sum(), [None], 0.1) == 0.0  # ‖g‖ = 0 at w = 0
     assert sam_sharpness(MLP(), _loss, _mlp_batches(), 0.0) == 0.0
+
+
+def test_non_finite_weights_give_nan() -> None:
+    model = MLP()
+    with torch.no_grad():
+        model.net[0].weight[0, 0] = float("nan")
+    assert all(map(math.isnan, top_hessian_eigenvalues(model, _loss, _mlp_batches(), k=2)))
+    assert math.isnan(sam_sharpness(model, _loss, _mlp_batches(), 0.1))
 
 
 @pytest.mark.parametrize(
