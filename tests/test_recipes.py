@@ -216,8 +216,9 @@ def test_demo_summary_is_mean_and_std_over_seeds() -> None:
 
     rows = demo.summarize([run(0, 0.80, 0.5), run(1, 0.90, 0.7), run(2, 0.10, float("nan"))])
     # accuracy 80, 90, 10 -> mean 60, sample std 43.6; loss: the finite 0.5, 0.7 -> 0.6 ± 0.14; eigenvalues 2, 4, 6
-    assert rows == [{"lr": 0.1, "variant": "ssam", "accuracy": "60 ± 44", "train_loss": "0.6 ± 0.14",
-                     "hessian_top": "4 ± 2", "sam_sharpness": "0.01 ± 0", "collapsed": "1/3", "time": "3.0"}]  # fmt: skip
+    expected = {"lr": 0.1, "variant": "ssam", "accuracy": "60 ± 44", "train_loss": "0.6 ± 0.14",
+                "hessian_top": "4 ± 2", "sam_sharpness": "0.01 ± 0", "collapsed": "1/3", "time": "3.0"}  # fmt: skip
+    assert rows == [expected]
     assert "| 0.1 | ssam | 60 ± 44 | 0.6 ± 0.14 | 4 ± 2 | 0.01 ± 0 | 1/3 | 3.0 |" in demo.format_table(rows)
 
 
