@@ -282,7 +282,12 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
     variants = list(dict.fromkeys(run["variant"] for run in runs))
     colors = dict(zip(VARIANTS + tuple(v for v in variants if v not in VARIANTS), plt.cm.tab10.colors))
     styles = ["-", "--", ":", "-."]
-    fig, axes = plt.subplots(1, len(lrs) + 2, figsize=(5 * (len(lrs) + 2), 4))
+    columns = math.ceil((len(lrs) + 2) / 2)
+    fig, grid = plt.subplots(2, columns, figsize=(6 * columns, 8.5), squeeze=False)
+    axes = list(grid.flat)
+    for ax in axes[len(lrs) + 2 :]:
+        ax.set_visible(False)
+    axes = axes[: len(lrs) + 2]
     for ax, lr in zip(axes, lrs):
         for variant in variants:
             group = [run for run in runs if run["lr"] == lr and run["variant"] == variant]
@@ -300,7 +305,6 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
     ax_gamma.axhline(1.0, color="grey", linewidth=0.8)
     ax_gamma.set(title=r"$\gamma = \|g\| / \|g_{asc}\|$ (applied by ssam only)", xlabel="step", ylabel="sam/gamma")
     ax_eigen.set(title="top Hessian eigenvalue of the training loss", xlabel="step", ylabel=r"$\lambda_{max}$")
-    ax_eigen.set_yscale("log")
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
