@@ -6,10 +6,10 @@ buffers, the train/eval mode of every module and the random number generators. `
 at each evaluation of a `transformers.Trainer` (an `SSAMTrainer` included).
 
 The eigenvalues come from a thick-restart Lanczos iteration on Hessian-vector products (double backward),
-written here rather than taken from ``pyhessian`` or ``hessian-eigenthings``: both are unmaintained research
-code (pinned to old PyTorch and NumPy APIs, no releases for years), the first finds the k largest eigenvalues
-*in magnitude* by deflated power iteration (a large negative eigenvalue early in training is reported instead
-of the top one) and neither restores BatchNorm statistics, train/eval mode or RNG state.
+written here rather than taken from ``pyhessian`` or ``hessian-eigenthings``: both default to deflated power
+iteration, which finds the k largest eigenvalues *in magnitude* (a large negative eigenvalue away from a minimum
+is reported instead of the top one) with no error bound, and neither restores BatchNorm statistics, train/eval
+mode or RNG state (docs/sharpness.md).
 """
 
 from __future__ import annotations
