@@ -304,11 +304,13 @@ class _Recorder(TrainerCallback):
         self.logs.append(dict(logs))
 
 
-def _trainer(tmp_path: Path, bound: bool, every_n_evals: int = 1) -> tuple[SSAMTrainer, _Recorder, list]:
+def _trainer(
+    tmp_path: Path, bound: bool, every_n_evals: int = 1, variant: str = "ssam"
+) -> tuple[SSAMTrainer, _Recorder, list]:
     args = SSAMTrainingArguments(
         output_dir=str(tmp_path), report_to="none", use_cpu=True, save_strategy="no", disable_tqdm=True,
         max_steps=6, logging_steps=2, eval_strategy="steps", eval_steps=2, per_device_train_batch_size=16,
-        learning_rate=0.05, sam_variant="ssam", sam_rho=0.1, seed=0,
+        learning_rate=0.05, sam_variant=variant, sam_rho=0.1, seed=0,
     )  # fmt: skip
     recorder = _Recorder()
     measure_on = _mlp_batches(torch.float32)
@@ -321,9 +323,13 @@ def _trainer(tmp_path: Path, bound: bool, every_n_evals: int = 1) -> tuple[SSAMT
     return trainer, recorder, measure_on
 
 
-@pytest.mark.parametrize("bound", [True, False], ids=["bound", "unbound"])
-def test_callback_logs_the_values_at_each_evaluation(tmp_path: Path, bound: bool) -> None:
-    trainer, recorder, measure_on = _trainer(tmp_path, bound)
+@pytest.mark.parametrize(
+    ("variant", "bound"),
+    [("ssam", True), ("sam", True), ("none", True), ("ssam", False)],
+    ids=["ssam-bound", "sam-bound", "none-bound", "ssam-unbound"],
+)
+def test_callback_logs_the_values_at_each_evaluation(tmp_path: Path, variant: str, bound: bool) -> None:
+    trainer, recorder, measure_on = _trainer(tmp_path, bound, variant=variant)
     trainer.train()
     rows = [row for row in trainer.state.log_history if KEYS[0] in row]
     assert [row["step"] for row in rows] == [2, 4, 6]
@@ -336,7 +342,7 @@ def test_callback_logs_the_values_at_each_evaluation(tmp_path: Path, bound: bool
     model = trainer.model
     expected = top_hessian_eigenvalues(model, _loss, measure_on, k=2)
     assert [metrics[KEYS[0]], metrics[KEYS[1]]] == pytest.approx(expected, rel=1e-9)
-    assert metrics[KEYS[2]] == pytest.approx(sam_sharpness(model, _loss, measure_on, 0.1), rel=1e-9)
+    assert metrics[KEYS[2]] == pytest.approx(sam_sharpness(model, _loss, measure_on, 0.1), rel=1e-9)  # the run's ρ
     assert trainer.state.log_history[-1][KEYS[0]] == metrics[KEYS[0]]
 
 
