@@ -35,6 +35,7 @@ __all__ = [
     "freeze_batchnorm_stats",
     "functional",
     "sam_arguments",
+    "sharpness",
 ]
 
 _LAZY = {
@@ -47,6 +48,8 @@ _LAZY = {
 
 
 def __getattr__(name: str) -> Any:
+    if name == "sharpness":  # a submodule that needs transformers: imported on first use
+        return importlib.import_module(".sharpness", __name__)
     if name in _LAZY:
         value = getattr(importlib.import_module(_LAZY[name], __name__), name)
         globals()[name] = value

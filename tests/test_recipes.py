@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import timm
+import torch
 import yaml
 from PIL import Image
 from transformers import AutoTokenizer, EvalPrediction, HfArgumentParser
@@ -355,18 +356,47 @@ def test_auto_metrics_fall_back_to_numpy_offline(monkeypatch: pytest.MonkeyPatch
         _recipe_utils.make_compute_metrics(2, backend="evaluate")
 
 
-def test_demo_table_and_plot(tmp_path: Path) -> None:
-    history = [{"loss": 0.7, "step": 5, "sam/gamma": 0.9}, {"loss": 0.5, "step": 10, "sam/gamma": 1.1}]
-    results = {
-        variant: {
-            "eval": {"eval_accuracy": 0.8, "eval_f1": 0.75},
-            "train_loss": 0.5,
-            "wall_time_s": 12.0,
-            "log_history": history if variant != "none" else [{"loss": 0.6, "step": 5}],
-        }
-        for variant in demo.VARIANTS
-    }
-    table = demo.format_table(results)
-    assert "| ssam | 0.8000 | 0.7500 | 0.5000 | 12 |" in table and "| none |" in table
-    demo.plot(results, tmp_path / "demo.png")
-    assert (tmp_path / "demo.png").stat().st_size > 1000
+def test_demo_quick_runs_the_whole_pipeline(tmp_path: Path) -> None:
+    out = demo.main(["--quick", "--output_dir", str(tmp_path)])
+    runs = out["runs"]
+    assert [(r["lr"], r["variant"], r["seed"]) for r in runs] == [
+        (lr, v, s) for lr in (demo.BASE_LR, demo.LARGE_LR) for v in demo.VARIANTS for s in (0, 1)
+    ]
+    for run in runs:
+        assert 0.0 <= run["accuracy"] <= 1.0 and math.isfinite(run["train_loss"])
+        assert math.isfinite(run["hessian_top"]) and run["hessian_top"] > 0  # measured by the callback
+        assert sum(demo.EIGEN_KEY in row for row in run["log_history"]) == 2  # at each of the 2 evaluations
+        assert any("sam/gamma" in row for row in run["log_history"]) == (run["variant"] != "none")
+    table = (tmp_path / "results.md").read_text()
+    assert all(f"| {lr:g} | {v} |" in table for lr in (demo.BASE_LR, demo.LARGE_LR) for v in demo.VARIANTS)
+    assert (tmp_path / "demo.png").stat().st_size > 10_000
+
+
+def test_demo_summary_is_mean_and_std_over_seeds() -> None:
+    def run(seed: int, accuracy: float, loss: float) -> dict:
+        return {"lr": 0.1, "variant": "ssam", "seed": seed, "accuracy": accuracy, "train_loss": loss,
+                "hessian_top": 2.0 * (seed + 1), "sam_sharpness": 0.01, "wall_time_s": 3.0,
+                "collapsed": not loss < demo.COLLAPSED_LOSS}  # fmt: skip
+
+    rows = demo.summarize([run(0, 0.80, 0.5), run(1, 0.90, 0.7), run(2, 0.10, float("nan"))])
+    # accuracy 80, 90, 10 -> mean 60, sample std 43.6; loss: the finite 0.5, 0.7 -> 0.6 ± 0.14; eigenvalues 2, 4, 6
+    expected = {"lr": 0.1, "variant": "ssam", "accuracy": "60 ± 44", "train_loss": "0.6 ± 0.14",
+                "hessian_top": "4 ± 2", "sam_sharpness": "0.01 ± 0", "collapsed": "1/3", "time": "3.0"}  # fmt: skip
+    assert rows == [expected]
+    assert "| 0.1 | ssam | 60 ± 44 | 0.6 ± 0.14 | 4 ± 2 | 0.01 ± 0 | 1/3 | 3.0 |" in demo.format_table(rows)
+
+
+def test_demo_label_noise_flips_a_fixed_fifth_of_the_training_labels_only() -> None:
+    data = demo.digits_with_label_noise(0.2)
+    flipped = data["train_y"] != data["clean_train_y"]
+    assert len(data["train_y"]) == 1437 and len(data["val_y"]) == 360
+    assert abs(flipped.float().mean().item() - 0.2) < 0.03  # 1437 draws: 3 standard deviations is 0.032
+    assert torch.equal(demo.digits_with_label_noise(0.2)["train_y"], data["train_y"])
+    assert torch.equal(demo.digits_with_label_noise(0.0)["train_y"], data["clean_train_y"])
+    val, train = data["val_y"].bincount(), data["clean_train_y"].bincount()
+    assert torch.all((val - 0.2 * (val + train)).abs() <= 1)  # a stratified 20% validation split, labels clean
+
+
+def test_demo_refuses_an_unknown_variant() -> None:
+    with pytest.raises(ValueError, match="--variants adam is not one of"):
+        demo.main(["--variants", "adam", "--quick"])
