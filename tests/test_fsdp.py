@@ -140,3 +140,33 @@ def test_shardwise_maths_equals_the_maths_on_full_tensors(results, variant):
     for rank in (0, 1):
         a = results("norms", rank)["ascended"][variant]
         assert a["max_err"] < 1e-12 and a["restored"] and a["rescaled"], a
+
+
+def test_the_fsdp2_example_runs_on_two_cpu_processes(tmp_path):
+    """The documented CPU command: `torchrun --standalone --nproc_per_node 2 docs/examples/fsdp2_loop.py`."""
+    cmd = _torchrun(str(ROOT / "docs" / "examples" / "fsdp2_loop.py"))
+    proc = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    assert "2 process(es)" in proc.stdout
+    assert len(list((tmp_path / "outputs" / "fsdp2_checkpoint").glob("*.distcp"))) == 2  # one shard file per rank
+
+
+@pytest.mark.slow
+def test_the_memory_bench_runs(tmp_path):
+    cmd = [sys.executable, str(ROOT / "bench" / "fsdp_memory.py"), "--quick", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "the backup is sharded exactly like the weights" in proc.stdout
+    assert (tmp_path / "fsdp_memory.csv").is_file()
+
+
+@pytest.mark.parametrize("name, machines, processes", [("fsdp2_8gpu", 1, 8), ("fsdp2_2x8gpu", 2, 16)])
+def test_fsdp2_accelerate_configs_load(name, machines, processes):
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    path = ROOT / "recipes" / "accelerate" / f"{name}.yaml"
+    config = ClusterConfig.from_yaml_file(str(path))
+    assert config.distributed_type == "FSDP" and config.mixed_precision == "bf16"
+    assert (config.num_machines, config.num_processes) == (machines, processes)
+    assert config.fsdp_config["fsdp_version"] == 2
+    assert path.read_text().startswith("#")
