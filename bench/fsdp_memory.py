@@ -152,6 +152,7 @@ def worker(ns: argparse.Namespace) -> None:
     result = {"rank": rank, "world": world, "mode": ns.mode, "peak_bytes": peak, "param_bytes": param_bytes,
               "shard_bytes": shard_bytes, "backup_bytes": backup_bytes, "device": str(device)}  # fmt: skip
     (ns.out / f"{ns.mode}.rank{rank}.json").write_text(json.dumps(result))
+    dist.barrier()  # nobody tears the connections down while another process still uses them
     dist.destroy_process_group()
 
 

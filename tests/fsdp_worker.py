@@ -264,6 +264,7 @@ def main() -> None:
             result = run_norms(spec)
         result["world_size"] = dist.get_world_size()
         torch.save(result, os.path.join(ns.out, f"{spec['name']}.rank{dist.get_rank()}.pt"))
+    dist.barrier()  # nobody tears the connections down while another process still uses them
     dist.destroy_process_group()
 
 

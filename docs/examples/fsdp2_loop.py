@@ -75,8 +75,8 @@ model = build()
 opt = make_optimizer(model)
 first_loss = train(model, opt, range(0, 1))
 train(model, opt, range(1, 15))
-shard_bytes = sum(p.to_local().numel() * p.element_size() for p in model.parameters())
-backup_bytes = sum(b.to_local().numel() * b.element_size() for b in opt._backup.values())
+shard_bytes = sum(p.to_local().numel() * p.element_size() for p in model.parameters())  # this process's
+model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # the whole model
 
 # Checkpoint: every process writes its own shards (a folder all processes see); the optimizer state is the
 # base optimizer's.
@@ -94,6 +94,7 @@ last_loss = train(model, opt, range(15, 30))
 
 if rank == 0:
     print(f"{world} process(es): loss {first_loss:.3f} -> {last_loss:.3f}")
-    print(f"per process: weight shard {shard_bytes} B, SSAM backup {backup_bytes} B (sharded the same way)")
+    print(f"rank 0 holds {shard_bytes} of the model's {model_bytes} weight bytes (the SSAM backup: as many)")
 assert last_loss < first_loss
+dist.barrier()  # every process is done communicating before any tears its connections down
 dist.destroy_process_group()
