@@ -117,6 +117,7 @@ def train(model: nn.Module, opt: SSAMOptimizer, data, api: str, comms: dict[str,
 def run_equivalence(spec: dict, mesh) -> dict:
     data = batches(spec.get("steps", 5))
     reference = mlp(seed=0)
+    start = flat(reference)
     train(reference, make_opt(reference, spec), data, "two_steps")
     model = shard(mlp(seed=0), mesh)
     opt = make_opt(model, spec)
@@ -130,6 +131,7 @@ def run_equivalence(spec: dict, mesh) -> dict:
         counted(plain_comms, lambda x=x, y=y: (loss_fn(plain, half(x), half(y)).backward(), plain_opt.step()))
         plain_opt.zero_grad()
     return {
+        "start": start,
         "plain_comms": plain_comms,
         "sharded": flat(model),
         "single": flat(reference),

@@ -47,13 +47,19 @@ def _torchrun(*args: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
 
 
+def _failure(stderr: str) -> str:
+    """Rank 0's traceback when there is one, else the end of the launcher's output."""
+    lines = [line for line in stderr.splitlines() if line.startswith("[rank0]")]
+    return "\n".join(lines)[-4000:] if lines else stderr[-4000:]
+
+
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp")
     runs = EQUIVALENCE + LINREG + RESUME + [NORMS]
     cmd = _torchrun(str(WORKER), "--out", str(out), "--runs", json.dumps(runs))
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, "\n".join(line for line in proc.stderr.splitlines() if "[rank0]" in line)[-4000:]
+    assert proc.returncode == 0, _failure(proc.stderr)
 
     def load(name: str, rank: int = 0) -> dict:
         return torch.load(out / f"{name}.rank{rank}.pt", weights_only=False)
@@ -70,14 +76,7 @@ def test_two_sharded_processes_equal_one_process_on_the_whole_batch(results, run
         assert err < TOLERANCE, (rank, err)
     r0, r1 = results(run["name"], 0), results(run["name"], 1)
     assert r0["metrics"] == r1["metrics"]  # ‖g‖, ‖g_asc‖, γ are global: the same on every rank
-    assert not torch.equal(r0["sharded"], flat_start()), "the weights moved"
-
-
-def flat_start() -> torch.Tensor:
-    sys.path.insert(0, str(Path(__file__).parent))
-    from fsdp_worker import mlp
-
-    return torch.cat([p.detach().reshape(-1) for p in mlp(seed=0).parameters()])
+    assert (r0["sharded"] - r0["start"]).abs().max() > 100 * TOLERANCE  # the weights did move
 
 
 @pytest.mark.parametrize("run", EQUIVALENCE, ids=[r["name"] for r in EQUIVALENCE])
@@ -146,7 +145,7 @@ def test_the_fsdp2_example_runs_on_two_cpu_processes(tmp_path):
     """The documented CPU command: `torchrun --standalone --nproc_per_node 2 docs/examples/fsdp2_loop.py`."""
     cmd = _torchrun(str(ROOT / "docs" / "examples" / "fsdp2_loop.py"))
     proc = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-6000:]
+    assert proc.returncode == 0, _failure(proc.stderr)
     assert "2 process(es)" in proc.stdout
     assert len(list((tmp_path / "outputs" / "fsdp2_checkpoint").glob("*.distcp"))) == 2  # one shard file per rank
 
