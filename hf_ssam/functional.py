@@ -11,10 +11,17 @@ Every norm is the global L2 norm over all the tensors of the list. Nothing here 
 optimizers, models or the Trainer; `SSAMOptimizer` and `SSAMTrainer`
 are thin glue over these functions. Multi-tensor ``torch._foreach_*`` kernels keep the per-step
 cost to a handful of launches whatever the number of parameter tensors.
+
+Sharded tensors (``DTensor``, as FSDP2's ``fully_shard`` makes parameters and gradients) are welcome
+in every list: the elementwise work runs on each rank's local shard with the same multi-tensor kernels,
+and a global norm sums the local squares and all-reduces that one scalar over the mesh dimensions the
+tensor is sharded on (a replicated dimension holds the same values on every rank and is counted once).
+No full parameter or gradient is ever gathered.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -29,6 +36,7 @@ __all__ = [
     "renormalization_factor",
     "rescale_",
     "restore_",
+    "save_",
     "uses_renormalization",
 ]
 
@@ -45,13 +53,75 @@ def uses_renormalization(variant: str, renormalize: bool | None) -> bool:
     return variant == "ssam" if renormalize is None else renormalize
 
 
+@functools.cache
+def _dtensor_type() -> type | None:
+    """``DTensor`` when this build of torch has ``torch.distributed`` (imported on first use), else None."""
+    if not torch.distributed.is_available():
+        return None
+    from torch.distributed.tensor import DTensor
+
+    return DTensor
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    if type(t) is Tensor or type(t) is torch.nn.Parameter:  # the common case, without an isinstance walk
+        return False
+    cls = _dtensor_type()
+    return cls is not None and isinstance(t, cls)
+
+
+def _locals(tensors: Sequence[Tensor]) -> list[Tensor]:
+    """Each tensor's local shard (the tensor itself when it is not a DTensor), sharing its storage."""
+    if not any(_is_dtensor(t) for t in tensors):
+        return list(tensors)
+    with torch.no_grad():  # to_local() is then the shard itself, not a differentiable view
+        return [t.to_local() if _is_dtensor(t) else t for t in tensors]
+
+
+def _shard_groups(t: Tensor) -> tuple:
+    """The process groups over which ``t``'s local shards add up to the whole tensor (none for a plain tensor)."""
+    if not _is_dtensor(t):
+        return ()
+    groups = []
+    for dim, placement in enumerate(t.placements):
+        if placement.is_partial():
+            raise ValueError(
+                f"Cannot take a norm of a DTensor with placements {tuple(t.placements)}: a Partial placement "
+                "holds unreduced values. Reduce it first (redistribute to Shard or Replicate); FSDP2 gradients "
+                "are Shard(0)."
+            )
+        if not placement.is_replicate():  # Shard, _StridedShard: the mesh dimension splits the elements
+            groups.append(t.device_mesh.get_group(dim))
+    return tuple(groups)
+
+
+def _norm(local_tensors: Sequence[Tensor], like: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
+    """``‖x‖₂`` of the tensors whose local shards are ``local_tensors``, laid out like ``like``."""
+    if len(local_tensors) == 0:
+        return torch.zeros((), dtype=dtype)
+    norms = torch._foreach_norm(local_tensors, 2, dtype=dtype)  # ‖x_i‖ per tensor (per local shard)
+    if not any(_is_dtensor(t) for t in like):
+        return torch.linalg.vector_norm(torch.stack(norms), 2)  # ‖x‖ = ‖(‖x_1‖, …, ‖x_n‖)‖
+    buckets: dict[tuple, list[Tensor]] = {}  # tensors sharded over the same groups share one all-reduce
+    for n, t in zip(norms, like):
+        buckets.setdefault(_shard_groups(t), []).append(n)
+    total = torch.zeros((), dtype=dtype, device=norms[0].device)
+    for groups, ns in buckets.items():
+        squares = torch.stack(ns).square().sum()  # Σ‖x_i,local‖²
+        for group in groups:
+            torch.distributed.all_reduce(squares, group=group)  # Σ over the shards: each element once
+        total = total + squares.to(total.device)
+    return total.sqrt()  # ‖x‖ = √(Σ_i ‖x_i‖²)
+
+
 def global_norm(tensors: Sequence[Tensor]) -> Tensor:
-    """``‖x‖₂`` over all the tensors, as a float32 (or float64) scalar tensor; 0 for an empty list."""
-    if len(tensors) == 0:
-        return torch.zeros(())
-    dtype = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
-    norms = torch._foreach_norm(tensors, 2, dtype=dtype)  # ‖x_i‖ per tensor
-    return torch.linalg.vector_norm(torch.stack(norms), 2)  # ‖x‖ = ‖(‖x_1‖, …, ‖x_n‖)‖
+    """``‖x‖₂`` over all the tensors, as a float32 (or float64) scalar tensor; 0 for an empty list.
+
+    DTensors count once each, whatever their sharding: the result is the norm of the full tensors, the same
+    plain scalar tensor on every rank (one scalar all-reduce per set of shard groups, nothing gathered).
+    """
+    dtype = torch.float64 if len(tensors) and tensors[0].dtype == torch.float64 else torch.float32
+    return _norm(_locals(tensors), tensors, dtype)
 
 
 def perturbation_scale(
@@ -75,10 +145,11 @@ def perturbation_scale(
         return torch.full_like(grad_norm, rho) * grad_unscale  # e = ρ·g
     if kind == "sam":
         return rho / grad_norm  # e = ρ·g/‖g‖
-    t_g = torch._foreach_abs(params)  # T = |w| + η
+    t_g = torch._foreach_abs(_locals(params))  # T = |w| + η, on the local shards
     torch._foreach_add_(t_g, asam_eta)
-    torch._foreach_mul_(t_g, grads)  # T·g
-    return rho / global_norm(t_g)  # e = ρ·T²g/‖Tg‖
+    torch._foreach_mul_(t_g, _locals(grads))  # T·g
+    dtype = torch.float64 if len(t_g) and t_g[0].dtype == torch.float64 else torch.float32
+    return rho / _norm(t_g, params, dtype)  # e = ρ·T²g/‖Tg‖
 
 
 def ascend(
@@ -95,6 +166,7 @@ def ascend(
     With ``overwrite_grads=True`` the gradient tensors hold ``e`` afterwards (no temporary the size of
     the model is allocated); use it when the gradients are discarded next, as before a second pass.
     """
+    params, grads = _locals(params), _locals(grads)
     if PERTURBATIONS[variant] == "asam":
         t = torch._foreach_abs(params)  # T = |w| + η
         torch._foreach_add_(t, asam_eta)
@@ -109,9 +181,20 @@ def ascend(
     torch._foreach_add_(params, e)  # w_asc = w + e
 
 
+def save_(backup: Sequence[Tensor], params: Sequence[Tensor]) -> None:
+    """Save the weights before the climb: ``backup ← w``, shard by shard for DTensors.
+
+    ``backup`` holds tensors shaped like ``params`` (``torch.empty_like`` of each, which shards a
+    DTensor's buffer like the DTensor) or like their local shards.
+    """
+    if len(params):
+        torch._foreach_copy_(_locals(backup), _locals(params))
+
+
 def restore_(params: Sequence[Tensor], backup: Sequence[Tensor]) -> None:
     """Copy the saved weights back: ``w ← w`` exactly (never ``w_asc − e``, which rounds)."""
-    torch._foreach_copy_(params, backup)
+    if len(params):
+        torch._foreach_copy_(_locals(params), _locals(backup))
 
 
 def renormalization_factor(grad_norm: Tensor, ascent_grad_norm: Tensor) -> tuple[Tensor, Tensor]:
@@ -127,4 +210,4 @@ def renormalization_factor(grad_norm: Tensor, ascent_grad_norm: Tensor) -> tuple
 
 def rescale_(grads: Sequence[Tensor], gamma: Tensor) -> None:
     """``g_asc ← γ·g_asc`` in place."""
-    torch._foreach_mul_(grads, gamma.to(grads[0].dtype) if len(grads) else gamma)
+    torch._foreach_mul_(_locals(grads), gamma.to(grads[0].dtype) if len(grads) else gamma)

@@ -119,7 +119,7 @@ class SSAMOptimizer(torch.optim.Optimizer):
                 if not ps:
                     continue
                 backup = [self._backup_buffer(p) for p in ps]
-                torch._foreach_copy_(backup, ps)  # save w
+                F.save_(backup, ps)  # save w (shard by shard under FSDP)
                 self._perturbed.extend(ps)
                 grads = [p.grad for p in ps]
                 variant, eta = group["variant"], group["asam_eta"]

@@ -95,3 +95,97 @@ def test_renormalization_factor_skips_zero_and_non_finite_norms(g, g_asc):
 )
 def test_uses_renormalization(variant, renormalize, expected):
     assert F.uses_renormalization(variant, renormalize) is expected
+
+
+# --- DTensor (FSDP2) parameters and gradients, on a one-process gloo group -------------------------------
+# The two-process cases (uneven shards, replicated placements, 2-D meshes) run in tests/test_fsdp.py.
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory):
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if dist.is_initialized():
+        pytest.fail("a process group is already initialized in this process")
+    store = tmp_path_factory.mktemp("store") / "store"
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    yield init_device_mesh("cpu", (1,))
+    dist.destroy_process_group()
+
+
+def _distribute(tensors, mesh, placement):
+    from torch.distributed.tensor import distribute_tensor
+
+    return [distribute_tensor(t.clone(), mesh, [placement]) for t in tensors]
+
+
+def _full(ts):
+    return np.concatenate([t.full_tensor().numpy().ravel() for t in ts])
+
+
+def _placements():
+    from torch.distributed.tensor import Replicate, Shard
+
+    return [Shard(0), Replicate()]
+
+
+@pytest.mark.parametrize("placement", _placements(), ids=str)
+def test_global_norm_of_dtensors_is_a_plain_scalar_equal_to_the_hand_norm(mesh, placement):
+    _, grads = _tensors()
+    norm = F.global_norm(_distribute(grads, mesh, placement))
+    assert type(norm) is torch.Tensor and norm.dtype == torch.float64
+    assert norm.item() == pytest.approx(math.sqrt(sum(float((t**2).sum()) for t in grads)), abs=1e-12)
+
+
+@pytest.mark.parametrize("variant", F.VARIANTS)
+def test_ascend_save_restore_on_dtensors_match_the_hand_computation(mesh, variant):
+    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    params, grads = _tensors()
+    w, g = _flat(params), _flat(grads)
+    params, grads = _distribute(params, mesh, Shard(0)), _distribute(grads, mesh, Shard(0))
+    backup = [torch.empty_like(p) for p in params]
+    assert all(isinstance(b, DTensor) for b in backup)  # the backup is sharded like the weights
+    comms = CommDebugMode()
+    with comms:
+        F.save_(backup, params)
+        scale = F.perturbation_scale(variant, 0.3, F.global_norm(grads), params=params, grads=grads, asam_eta=ETA)
+        F.ascend(params, grads, scale, variant=variant, asam_eta=ETA)
+        climbed = _full(params)
+        F.restore_(params, backup)
+        F.rescale_(grads, torch.tensor(0.5, dtype=torch.float64))
+    np.testing.assert_allclose(climbed, w + perturbation(variant, w, g, 0.3), rtol=0, atol=1e-12)
+    np.testing.assert_array_equal(_full(params), w)  # restored exactly
+    np.testing.assert_allclose(_full(grads), 0.5 * g, rtol=0, atol=1e-15)
+    counts = {str(op): n for op, n in comms.get_comm_counts().items()}
+    assert set(counts) <= {"c10d.allreduce_"}, counts  # scalar norms only: nothing is gathered
+
+
+def test_a_partial_dtensor_is_refused_by_global_norm(mesh):
+    from torch.distributed.tensor import DTensor, Partial
+
+    with pytest.raises(ValueError, match="Partial"):
+        F.global_norm([DTensor.from_local(torch.ones(3), mesh, [Partial()])])
+
+
+def test_save_copies_into_the_backup():
+    params, _ = _tensors()
+    backup = [torch.empty_like(p) for p in params]
+    F.save_(backup, params)
+    assert all(torch.equal(b, p) and b.data_ptr() != p.data_ptr() for b, p in zip(backup, params))
+    F.save_([], [])  # nothing to save: no error
+
+
+def test_plain_tensors_never_reach_the_collectives(monkeypatch):
+    import torch.distributed as dist
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a collective was called for plain tensors")
+
+    monkeypatch.setattr(dist, "all_reduce", refuse)
+    params, grads = _tensors()
+    for variant in F.VARIANTS:
+        scale = F.perturbation_scale(variant, 0.3, F.global_norm(grads), params=params, grads=grads)
+        F.ascend(params, grads, scale, variant=variant)
