@@ -78,6 +78,8 @@ def in_tmp_dir(tmp_path, monkeypatch):
 def test_example_runs(example: Path, in_tmp_dir, monkeypatch) -> None:
     monkeypatch.setattr(sys, "argv", [str(example)])
     runpy.run_path(str(example), run_name="__main__")
+    if example.name == "arguments_cli.py":  # it writes its config.yaml into a temporary folder, not here
+        assert not list(in_tmp_dir.glob("*.yaml")), "arguments_cli.py wrote a config into the working directory"
 
 
 @pytest.mark.parametrize(
