@@ -172,7 +172,7 @@ def test_only_trainable_parameters_are_perturbed(tmp_path):
     assert len(model.seen_encoder) == 6
     assert all(torch.equal(w, enc0) for w in model.seen_encoder)  # never perturbed, not even transiently
     assert torch.equal(model.encoder.weight, enc0)
-    assert not torch.equal(model.seen_head[0], model.seen_head[1])  # the head is perturbed in the descent pass
+    assert not torch.equal(model.seen_head[0], model.seen_head[1])  # the head is perturbed in the second pass
     assert not torch.equal(model.head.weight, model.seen_head[0])  # and trained
 
 
