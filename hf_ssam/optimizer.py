@@ -99,10 +99,13 @@ class SSAMOptimizer(torch.optim.Optimizer):
         sam = _sam_settings(variant, rho, renormalize, asam_eta)
         _check_max_grad_norm(max_grad_norm)
         if not (isinstance(base_optimizer_cls, type) and issubclass(base_optimizer_cls, torch.optim.Optimizer)):
-            built = isinstance(base_optimizer_cls, torch.optim.Optimizer)
-            hint = " (to wrap a built optimizer, use SSAMOptimizer.wrap(optimizer))" if built else ""
+            if isinstance(base_optimizer_cls, torch.optim.Optimizer):
+                got = f"a built {type(base_optimizer_cls).__name__} instance"
+                hint = "; to wrap a built optimizer, use SSAMOptimizer.wrap(optimizer, ...)"
+            else:
+                got, hint = repr(base_optimizer_cls)[:120], ""
             raise TypeError(
-                f"base_optimizer_cls={base_optimizer_cls!r} is not a torch.optim.Optimizer subclass{hint}."
+                f"base_optimizer_cls={got} is not a torch.optim.Optimizer subclass (e.g. torch.optim.AdamW){hint}."
             )
         super().__init__(params, {**sam, **base_kwargs})
         self._adopt(base_optimizer_cls(self.param_groups, **base_kwargs), max_grad_norm)
