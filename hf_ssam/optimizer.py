@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import amp
 from . import functional as F
 from .passes import RNGState
 from .variants import NO_SAM, check_sam_config
@@ -217,7 +218,7 @@ class SSAMOptimizer(torch.optim.Optimizer):
                 "first_step() called again before the step it began was finished (the weights are still at "
                 "w + e): call second_step(), step() or grad_scaler.step(optimizer) after the second backward."
             )
-        inv_scale = _inverse_scale(grad_scaler)
+        inv_scale = amp.inverse_scale(grad_scaler)
         groups = self._groups_with_grads()
         if not groups:
             raise self._no_gradient_error("first_step()", "run loss.backward() before first_step()")
@@ -307,8 +308,8 @@ class SSAMOptimizer(torch.optim.Optimizer):
             torch.nn.utils.clip_grad_norm_([p for _, ps in groups for p in ps], self.max_grad_norm)  # the final g
         if in_scaler_step:
             found_inf = pending.found_inf | (self.found_inf.to(pending.found_inf.device) > 0)  # either pass
-            self._report_first_pass_inf(pending.grad_scaler, pending.found_inf)
-            self._base_step_unless(found_inf)
+            amp.add_found_inf(pending.grad_scaler, self, pending.found_inf)  # update() backs off for it too
+            amp.step_unless(self.base_optimizer, found_inf)
             skipped = skipped | found_inf
         else:
             self.base_optimizer.step()
@@ -316,23 +317,6 @@ class SSAMOptimizer(torch.optim.Optimizer):
         self._last = (pending.grad_norm, ascent_grad_norm, gamma, skipped)  # tensors: no host sync
         if zero_grad:
             self.zero_grad()
-
-    def _report_first_pass_inf(self, grad_scaler: torch.amp.GradScaler, found_inf: Tensor) -> None:
-        """Let `grad_scaler.update()` back off for an inf/NaN of the first pass too (its own check saw the second)."""
-        per_device = grad_scaler._per_optimizer_states[id(self)]["found_inf_per_device"]
-        first = next(iter(per_device.values()))
-        first.add_(found_inf.to(first))
-
-    def _base_step_unless(self, skip: Tensor) -> None:
-        base = self.base_optimizer
-        if getattr(base, "_step_supports_amp_scaling", False):  # fused kernels skip on the device
-            base.grad_scale, base.found_inf = None, skip.to(torch.float32)
-            try:
-                base.step()
-            finally:
-                del base.grad_scale, base.found_inf
-        elif not skip.item():  # one host read, as GradScaler.step does for an optimizer that is not fused
-            base.step()
 
     @property
     def last_metrics(self) -> dict[str, float]:
@@ -419,22 +403,3 @@ def _check_max_grad_norm(max_grad_norm: float | None) -> None:
         raise ValueError(
             f"max_grad_norm={max_grad_norm!r} is invalid; it must be None (no clipping) or a finite number > 0."
         )
-
-
-def _inverse_scale(grad_scaler: Any) -> Tensor | None:
-    """``1/scale`` as a device tensor (computed as `GradScaler.unscale_` does), or None without loss scaling."""
-    if grad_scaler is None:
-        return None
-    if not isinstance(grad_scaler, torch.amp.GradScaler):
-        inner = getattr(grad_scaler, "_scaler", None)
-        hint = " (the one it wraps is its ._scaler)" if isinstance(inner, torch.amp.GradScaler) else ""
-        raise TypeError(
-            f"first_step(grad_scaler=...) takes the torch.amp.GradScaler that scaled the loss (or None); got "
-            f"{type(grad_scaler).__name__}: {repr(grad_scaler)[:120]}{hint}."
-        )
-    if not grad_scaler.is_enabled():
-        return None
-    scale = grad_scaler._get_scale_async()
-    if scale is None:
-        raise RuntimeError("grad_scaler has no scale yet: run grad_scaler.scale(loss).backward() before first_step().")
-    return scale.double().reciprocal().float()
