@@ -38,6 +38,7 @@ __all__ = [
     "restore_",
     "save_",
     "uses_renormalization",
+    "zero_unless_",
 ]
 
 #: The variants and how they perturb: ``sam`` (SAM*, normalized), ``usam`` (SAM, unnormalized),
@@ -211,3 +212,25 @@ def renormalization_factor(grad_norm: Tensor, ascent_grad_norm: Tensor) -> tuple
 def rescale_(grads: Sequence[Tensor], gamma: Tensor) -> None:
     """``g_asc ← γ·g_asc`` in place."""
     torch._foreach_mul_(_locals(grads), gamma.to(grads[0].dtype) if len(grads) else gamma)
+
+
+#: Integer dtype of each float element size: `zero_unless_` multiplies bit patterns, which never makes a NaN.
+_BITS: dict[int, torch.dtype] = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def zero_unless_(tensors: Sequence[Tensor], keep: Tensor) -> None:
+    """``t ← t`` where the boolean scalar ``keep`` is true, else ``t ← 0``, in place and with no host sync.
+
+    Exact for every entry, inf and NaN included (``0·t`` would leave NaN where ``t`` is inf or NaN): the bit
+    patterns are multiplied by 1 or 0 as integers. Lets a step skip its perturbation on the device, without
+    reading ``keep`` on the host.
+    """
+    by_kind: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    for t in _locals(tensors):
+        bits = _BITS.get(t.element_size())
+        if bits is None:  # no integer of that width (complex128): one kernel for this tensor
+            t.copy_(torch.where(keep.to(t.device), t, torch.zeros((), dtype=t.dtype, device=t.device)))
+            continue
+        by_kind.setdefault((t.device, bits), []).append(t.view(bits))
+    for (device, bits), views in by_kind.items():
+        torch._foreach_mul_(views, keep.to(device=device, dtype=bits))  # bits·1 = bits, bits·0 = +0.0

@@ -157,11 +157,9 @@ class SSAMMixin:
             )
             valid = torch.isfinite(scale) & torch.isfinite(grad_norm) & (grad_norm > 0)  # on device: no host sync
             scale = torch.where(valid, scale, torch.zeros_like(scale))  # zero or non-finite ‖g‖: e = 0
-            if self._loss_scaled():
-                for g in grads:  # an fp16 overflow (inf in g) must not turn e = 0·g into NaN
-                    torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
+            F.zero_unless_(grads, valid)  # skipped: e = 0 exactly, even where g holds inf/NaN (fp16 overflow)
             backup = self._backup_buffers(with_grad)
-            torch._foreach_copy_(backup, with_grad)  # save w
+            F.save_(backup, with_grad)  # save w
             F.ascend(
                 with_grad, grads, scale, variant=args.sam_variant, asam_eta=args.sam_asam_eta, overwrite_grads=True
             )  # w + e

@@ -102,3 +102,22 @@ def test_quick_run_writes_outputs(script: str, runs: dict[str, _Run]) -> None:
     words = VERDICT_WORDS.get(script, ("HOLDS", "DOES NOT HOLD"))
     verdicts = [line for line in output.splitlines() if line.startswith(words)]
     assert verdicts, f"{script} printed no verdict line ({' / '.join(words)}):\n{output[-2000:]}"
+
+
+@pytest.mark.parametrize("script", ["bench/step_cost.py"])
+def test_step_cost_compares_the_amp_loops_side_by_side(script: str, runs: dict[str, _Run]) -> None:
+    """The plain-loop AMP configuration: SSAMOptimizer loop / plain loop and / hand-written loop, in one run."""
+    code, output = runs[script].wait()
+    assert code == 0, output[-4000:]
+    summary = [line for line in output.splitlines() if "plain-loop AMP" in line]
+    assert len(summary) == 1, output[-2000:]
+    assert "SSAMOptimizer loop / plain loop = " in summary[0]
+    assert "SSAMOptimizer loop / hand-written loop = " in summary[0]
+    with (runs[script].out / "checks.csv").open(newline="") as fh:
+        checks = {row["check"]: row for row in csv.DictReader(fh)}
+    for check, target in (("amp:SSAMOptimizer / amp:plain", "<= 2.05"), ("amp:SSAMOptimizer / amp:ssam", "<= 1.03")):
+        assert checks[check]["target"] == target and checks[check]["status"] in ("PASS", "FAIL")
+        assert float(checks[check]["value"]) > 0
+    with (runs[script].out / "step_cost.csv").open(newline="") as fh:
+        timed = {row["config"] for row in csv.DictReader(fh)}
+    assert {"amp:plain", "amp:ssam", "amp:SSAMOptimizer", "loop:SSAMOptimizer", "trainer:ssam"} <= timed

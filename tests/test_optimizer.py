@@ -33,17 +33,20 @@ VARIANT_RENORM = [(v, None) for v in VARIANTS] + [(v, True) for v in ("sam", "us
 
 
 @pytest.mark.parametrize("variant, renormalize", VARIANT_RENORM)
-@pytest.mark.parametrize("api", ["two_steps", "closure"])
+@pytest.mark.parametrize("api", ["two_steps", "closure", "first_step_then_step"])
 def test_one_step_matches_hand_computation(variant, renormalize, api):
     theta, x, y = data()
     model = LinReg(theta)
     xt, yt = torch.tensor(x), torch.tensor(y)
     opt = SSAMOptimizer(model.parameters(), torch.optim.SGD, variant=variant, rho=0.2, renormalize=renormalize, lr=LR)
-    if api == "two_steps":
+    if api in ("two_steps", "first_step_then_step"):
         _loss(model, xt, yt).backward()
         opt.first_step(zero_grad=True)
         _loss(model, xt, yt).backward()
-        opt.second_step(zero_grad=True)
+        if api == "two_steps":
+            opt.second_step(zero_grad=True)
+        else:
+            assert opt.step() is None  # without a closure, step() finishes what first_step() began
     else:
 
         def closure():
@@ -144,6 +147,10 @@ def test_dropout_masks_are_replayed_in_step():
         (dict(rho=-0.1), r"rho=-0.1.*>= 0"),
         (dict(variant="ssam", renormalize=False), r"renormalize=False.*ssam"),
         (dict(asam_eta=-1.0), r"asam_eta=-1.0.*>= 0"),
+        (dict(max_grad_norm=0.0), r"max_grad_norm=0.0.*None \(no clipping\) or a finite number > 0"),
+        (dict(max_grad_norm=float("inf")), r"max_grad_norm=inf"),
+        (dict(max_grad_norm=True), r"max_grad_norm=True"),
+        (dict(max_grad_norm="1.0"), r"max_grad_norm='1.0'"),
     ],
 )
 def test_bad_input_is_refused_at_construction(kwargs, match):
@@ -200,3 +207,94 @@ def test_schedulers_see_second_step_as_the_optimizer_step(recwarn):
     opt.second_step(zero_grad=True)
     sched.step()
     assert not [w for w in recwarn if "lr_scheduler.step()" in str(w.message)]
+
+
+def test_base_optimizer_cls_must_be_a_class():
+    w = nn.Parameter(torch.zeros(2))
+    with pytest.raises(TypeError, match=r"=a built SGD instance is not a.*subclass.*SSAMOptimizer.wrap"):
+        SSAMOptimizer([w], torch.optim.SGD([w], lr=0.1))
+    with pytest.raises(TypeError, match=r"base_optimizer_cls='sgd' is not a torch.optim.Optimizer subclass"):
+        SSAMOptimizer([w], "sgd")
+
+
+# ------------------------------------------------------------------------------------ clipping the final g
+
+
+def _clip(g, max_norm):
+    """torch.nn.utils.clip_grad_norm_'s rule: g·min(1, c/(‖g‖ + 1e-6))."""
+    return g * min(1.0, max_norm / (np.linalg.norm(g) + 1e-6))
+
+
+@pytest.mark.parametrize("variant, renormalize", VARIANT_RENORM)
+def test_max_grad_norm_clips_the_final_gradient(variant, renormalize):
+    theta, x, y = data()
+    xt, yt = torch.tensor(x), torch.tensor(y)
+    g_sam, (g_norm, g_asc_norm, gamma, _) = sam_gradient(variant, theta, x, y, 0.2, renormalize)
+    max_norm = 0.5 * np.linalg.norm(g_sam)  # bites
+    model = LinReg(theta)
+    settings = dict(variant=variant, rho=0.2, renormalize=renormalize, max_grad_norm=max_norm)
+    opt = SSAMOptimizer(model.parameters(), torch.optim.SGD, lr=LR, **settings)
+    opt.step(lambda: _loss(model, xt, yt).backward())
+    np.testing.assert_allclose(_theta(model), theta - LR * _clip(g_sam, max_norm), rtol=0, atol=1e-10)
+    if gamma != 1.0 and (renormalize or variant == "ssam"):  # clip(γ·g_asc) is not γ·clip(g_asc)
+        g_asc = g_sam / gamma
+        wrong = theta - LR * gamma * _clip(g_asc, max_norm)
+        assert np.abs(_theta(model) - wrong).max() > 1e-4
+
+
+# ------------------------------------------------------------------------------------- groups without grads
+
+
+def test_group_without_gradients_is_skipped():
+    """A frozen backbone in its own group (default ssam): the trainable group steps as by hand."""
+    theta, x, y = data()
+    model = LinReg(theta)
+    model.w.requires_grad_(False)
+    xt, yt = torch.tensor(x), torch.tensor(y)
+    opt = SSAMOptimizer(
+        [{"params": [model.w], "lr": 0.0}, {"params": [model.b]}], torch.optim.SGD, rho=0.2, lr=LR, momentum=0.9
+    )
+    opt.step(lambda: _loss(model, xt, yt).backward())
+    g = grad(theta, x, y)[-1:]  # only b has a gradient
+    theta_asc = theta.copy()
+    theta_asc[-1:] += 0.2 * g  # e = ρ·g on b, nothing on w
+    g_asc = grad(theta_asc, x, y)[-1:]
+    gamma = np.linalg.norm(g) / np.linalg.norm(g_asc)
+    np.testing.assert_allclose(
+        _theta(model), np.concatenate([theta[:-1], theta[-1:] - LR * gamma * g_asc]), atol=1e-12
+    )
+    assert opt.last_metrics["gamma"] == pytest.approx(gamma, abs=1e-12)
+
+
+def test_a_step_without_any_gradient_is_refused():
+    model = LinReg(np.zeros(4))
+    opt = SSAMOptimizer(model.parameters(), torch.optim.SGD, lr=LR)
+    x, y = torch.zeros(4, 3, dtype=torch.float64), torch.zeros(4, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match=r"no parameter has a gradient.*2 parameters.*closure must call"):
+        opt.step(lambda: _loss(model, x, y))  # forgot backward()
+    with pytest.raises(RuntimeError, match=r"first_step\(\): no parameter has a gradient"):
+        opt.first_step()
+    _loss(model, x, y).backward()
+    opt.first_step(zero_grad=True)
+    with pytest.raises(RuntimeError, match=r"second_step\(\): no parameter has a gradient.*at w \+ e"):
+        opt.second_step()
+
+
+# -------------------------------------------------------------------------------------------- misuse
+
+
+def test_step_without_closure_before_first_step():
+    opt = SSAMOptimizer([nn.Parameter(torch.zeros(2))], torch.optim.SGD, lr=LR)
+    with pytest.raises(RuntimeError, match=r"step\(\) was called with closure=None before first_step\(\)"):
+        opt.step()
+    with pytest.raises(RuntimeError, match=r"second_step\(\) called before first_step\(\)"):
+        opt.second_step()
+
+
+def test_first_step_twice_is_refused():
+    w = nn.Parameter(torch.ones(3))
+    opt = SSAMOptimizer([w], torch.optim.SGD, lr=LR)
+    w.grad = torch.ones(3)
+    opt.first_step()
+    with pytest.raises(RuntimeError, match=r"first_step\(\) called again.*w \+ e"):
+        opt.first_step()
