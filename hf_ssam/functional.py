@@ -79,6 +79,26 @@ def _locals(tensors: Sequence[Tensor]) -> list[Tensor]:
         return [t.to_local() if _is_dtensor(t) else t for t in tensors]
 
 
+def _on_device(tensors: Sequence[Tensor], device: torch.device) -> list[Tensor]:
+    """The tensors, each moved to ``device`` if it is elsewhere (``device_map`` models span several devices)."""
+    return [t if t.device == device else t.to(device) for t in tensors]
+
+
+def _mul_(tensors: Sequence[Tensor], scalar: Tensor) -> None:
+    """``t ← s·t`` for every tensor, the scalar ``s`` taken to each tensor's device."""
+    if not len(tensors):
+        return
+    first = tensors[0].device
+    if all(t.device == first for t in tensors):  # the usual case: one multi-tensor kernel
+        torch._foreach_mul_(tensors, scalar.to(first))
+        return
+    by_device: dict[torch.device, list[Tensor]] = {}
+    for t in tensors:
+        by_device.setdefault(t.device, []).append(t)
+    for device, group in by_device.items():
+        torch._foreach_mul_(group, scalar.to(device))
+
+
 def _shard_groups(t: Tensor) -> tuple:
     """The process groups over which ``t``'s local shards add up to the whole tensor (none for a plain tensor)."""
     if not _is_dtensor(t):
@@ -101,6 +121,7 @@ def _norm(local_tensors: Sequence[Tensor], like: Sequence[Tensor], dtype: torch.
     if len(local_tensors) == 0:
         return torch.zeros((), dtype=dtype)
     norms = torch._foreach_norm(local_tensors, 2, dtype=dtype)  # ‖x_i‖ per tensor (per local shard)
+    norms = _on_device(norms, norms[0].device)  # a model split over devices: reduce on the first one
     if not any(_is_dtensor(t) for t in like):
         return torch.linalg.vector_norm(torch.stack(norms), 2)  # ‖x‖ = ‖(‖x_1‖, …, ‖x_n‖)‖
     buckets: dict[tuple, list[Tensor]] = {}  # tensors sharded over the same groups share one all-reduce
@@ -133,7 +154,7 @@ def perturbation_scale(
     params: Sequence[Tensor] = (),
     grads: Sequence[Tensor] = (),
     asam_eta: float = 0.01,
-    grad_unscale: float = 1.0,
+    grad_unscale: float | Tensor = 1.0,
 ) -> Tensor:
     """The scalar ``s`` such that the perturbation is ``e = s·g`` (``e = s·T²·g`` for ``asam``).
 
@@ -178,7 +199,7 @@ def ascend(
         e = list(grads)
     else:
         e = [g.clone() for g in grads] if len(grads) else []
-    torch._foreach_mul_(e, scale)  # e = s·g  (ρ·T²g/‖Tg‖ for asam)
+    _mul_(e, scale)  # e = s·g  (ρ·T²g/‖Tg‖ for asam)
     torch._foreach_add_(params, e)  # w_asc = w + e
 
 
@@ -211,7 +232,8 @@ def renormalization_factor(grad_norm: Tensor, ascent_grad_norm: Tensor) -> tuple
 
 def rescale_(grads: Sequence[Tensor], gamma: Tensor) -> None:
     """``g_asc ← γ·g_asc`` in place."""
-    torch._foreach_mul_(_locals(grads), gamma.to(grads[0].dtype) if len(grads) else gamma)
+    if len(grads):
+        _mul_(_locals(grads), gamma.to(grads[0].dtype))
 
 
 #: Integer dtype of each float element size: `zero_unless_` multiplies bit patterns, which never makes a NaN.

@@ -189,3 +189,45 @@ def test_plain_tensors_never_reach_the_collectives(monkeypatch):
     for variant in F.VARIANTS:
         scale = F.perturbation_scale(variant, 0.3, F.global_norm(grads), params=params, grads=grads)
         F.ascend(params, grads, scale, variant=variant)
+
+
+class _Elsewhere:
+    """Stands for a tensor on another device: records that it was moved before any arithmetic."""
+
+    def __init__(self, value: torch.Tensor, device: str):
+        self.value, self.device, self.moved_to = value, torch.device(device) if device == "cpu" else device, None
+
+    def to(self, device):
+        self.moved_to = device
+        return self.value.to(device)
+
+
+def test_norms_on_several_devices_are_moved_to_the_first_before_stacking(monkeypatch):
+    """A model split over devices (device_map="auto"): per-tensor norms meet on the first tensor's device."""
+    from hf_ssam.functional import _on_device
+
+    here = torch.tensor(3.0)
+    there = _Elsewhere(torch.tensor(4.0), "cuda:1")
+    moved = _on_device([here, there], here.device)
+    assert moved[0] is here and there.moved_to == here.device and torch.equal(moved[1], torch.tensor(4.0))
+
+    tensors = [torch.full((4,), 1.5), torch.full((9,), 4.0 / 3.0)]  # norms 3 and 4
+    real_norm = torch._foreach_norm
+
+    def split_norms(ts, *args, **kwargs):  # the second tensor's norm comes back on another device
+        first, second = real_norm(ts, *args, **kwargs)
+        return [first, _Elsewhere(second, "cuda:1")]
+
+    monkeypatch.setattr(torch, "_foreach_norm", split_norms)
+    assert F.global_norm(tensors).item() == pytest.approx(5.0)  # ‖(3, 4)‖ = 5, reduced on one device
+
+
+def test_scalars_are_taken_to_each_tensors_device(monkeypatch):
+    from hf_ssam.functional import _mul_
+
+    calls = []
+    real_mul = torch._foreach_mul_
+    monkeypatch.setattr(torch, "_foreach_mul_", lambda ts, s: calls.append(len(ts)) or real_mul(ts, s))
+    a, b = torch.ones(2), torch.ones(3)
+    _mul_([a, b], torch.tensor(2.0))
+    assert calls == [2] and torch.equal(a, torch.full((2,), 2.0))  # one device: one multi-tensor kernel
