@@ -12,13 +12,14 @@ data set that ``SFTTrainer`` accepts (``--dataset_name``: a ``text`` column, or 
 
 * data ``sklearn-descriptions``: the dataset descriptions that ship inside the ``scikit-learn`` package
   (``sklearn/datasets/descr/*.rst``: iris, digits, wine, twenty newsgroups, ... about 5k words of English), with
-  reStructuredText markup, tables and field lists removed, cut into sentences (4 words or more, 275 of them) and split 80/20;
-* model ``tiny-llama``: a 2-layer Llama (width 64) built from a config with random weights, and a word-level
-  tokenizer (lower-cased words and punctuation seen twice or more in the training sentences, from the
-  ``tokenizers`` library) built from the training split. The base model is not pretrained, so the run shows the
-  mechanics (a LoRA adapter trained with SSAM next to plain AdamW), not the quality of a real model.
+  reStructuredText markup, headings, tables and code examples removed, cut into sentences (4 words or more, 247 of
+  them) and split 80/20;
+* model ``tiny-llama``: a 2-layer Llama (width 128) built from a config with random weights (standard deviation
+  0.1), and a word-level tokenizer (lower-cased words and punctuation seen twice or more in the training
+  sentences, from the ``tokenizers`` library) built from the training split. The base model is not pretrained, so
+  the run shows the mechanics (a LoRA adapter trained with SSAM next to plain AdamW), not a real model's quality.
 
-Offline default (``recipes/configs/sft_lora_tiny_ssam.yaml``: both ``none`` and ``ssam``, 120 steps each, a markdown
+Offline default (``recipes/configs/sft_lora_tiny_ssam.yaml``: both ``none`` and ``ssam``, 200 steps each, a markdown
 table at the end; about 2 minutes on 2 CPU cores, ``docs/recipes.md``)::
 
     python recipes/sft_lora.py
@@ -111,9 +112,16 @@ class ModelArguments:
     lora_target_modules: list[str] | None = field(
         default=None, metadata={"help": "Modules that get an adapter (default: all-linear, every linear layer)."}
     )
-    tiny_hidden_size: int = field(default=64, metadata={"help": f"{TINY_MODEL} only: model width."})
+    tiny_hidden_size: int = field(default=128, metadata={"help": f"{TINY_MODEL} only: model width."})
     tiny_num_layers: int = field(default=2, metadata={"help": f"{TINY_MODEL} only: number of decoder layers."})
     tiny_num_heads: int = field(default=4, metadata={"help": f"{TINY_MODEL} only: attention heads."})
+    tiny_initializer_range: float = field(
+        default=0.1,
+        metadata={
+            "help": f"{TINY_MODEL} only: standard deviation of the random weights (Llama's own 0.02 leaves the frozen "
+            "output layer too weak for an adapter to move the predictions)."
+        },
+    )
 
 
 @dataclass
@@ -149,6 +157,8 @@ def _clean_rst(text: str) -> list[str]:
         lines = [line for line in block.splitlines() if line.strip()]
         if not lines or any(_RST_RULE.match(line) for line in lines) or lines[0].lstrip().startswith(".."):
             continue  # headings, tables, directives
+        if any(line.lstrip().startswith(">>>") for line in lines):
+            continue  # code examples
         items: list[list[str]] = []
         for line in lines:
             stripped = line.strip()
@@ -159,7 +169,8 @@ def _clean_rst(text: str) -> list[str]:
             prose = " ".join(item)
             prose = re.sub(r":\w+:`([^`<]*)[^`]*`", r"\1", prose)  # :ref:`text <target>` -> text
             prose = re.sub(r"[`*]{1,2}([^`*]+?)[`*]{1,2}_?", r"\1", prose)  # ``literal``, **strong**, `link`_
-            prose = re.sub(r"^:([^:]+):", r"\1:", prose)  # :Creator: R.A. Fisher -> Creator: R.A. Fisher
+            prose = re.sub(r"\s*<\w+://[^>]*>_?", "", prose)  # `text <https://...>`_ -> text
+            prose = re.sub(r"\s*\[\w+\]_", "", prose).replace("::", ":")  # citations [3]_, literal-block marks
             paragraphs.append(re.sub(r"\s+", " ", prose).strip())
     return paragraphs
 
@@ -232,6 +243,7 @@ def tiny_llama(model_args: ModelArguments, tokenizer: Any, max_length: int | Non
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=False,
+        initializer_range=model_args.tiny_initializer_range,
     )
     return LlamaForCausalLM(config)
 
@@ -298,9 +310,7 @@ def build_trainer(
     )
 
 
-def run_variant(
-    model_args: ModelArguments, splits: DatasetDict, training_args: Any, tokenizer: Any
-) -> dict[str, Any]:
+def run_variant(model_args: ModelArguments, splits: DatasetDict, training_args: Any, tokenizer: Any) -> dict[str, Any]:
     """Train and evaluate one variant; the summary of ``train_and_evaluate`` plus ``eval_perplexity``."""
     trainer = build_trainer(model_args, splits, training_args, tokenizer)
     result = train_and_evaluate(trainer)
