@@ -20,7 +20,8 @@ data set that ``SFTTrainer`` accepts (``--dataset_name``: a ``text`` column, or 
   the run shows the mechanics (a LoRA adapter trained with SSAM next to plain AdamW), not a real model's quality.
 
 Offline default (``recipes/configs/sft_lora_tiny_ssam.yaml``: both ``none`` and ``ssam``, 200 steps each, a markdown
-table at the end; about 2 minutes on 2 CPU cores, ``docs/recipes.md``)::
+table at the end; 34 s on 2 CPU cores, validation perplexity 67.7 with AdamW and 64.8 with SSAM,
+``docs/recipes.md``)::
 
     python recipes/sft_lora.py
     python recipes/sft_lora.py --compare false                        # the ssam run only
