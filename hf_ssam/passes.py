@@ -10,7 +10,6 @@ counters that `compute_loss` records are those of the first pass only.
 from __future__ import annotations
 
 import contextlib
-import copy
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -20,8 +19,9 @@ from torch import nn
 
 __all__ = ["RNGState", "batchnorm_modules", "freeze_batchnorm_stats", "leave_no_trace"]
 
-#: Largest number of leaves a container may hold to count as bookkeeping (metric lists, counters).
-_MAX_RECORD_LEAVES = 4096
+#: How deep `leave_no_trace` follows nested dicts (TRL keeps ``_metrics[mode][name]`` lists: depth 2).
+_MAX_DEPTH = 4
+_MISSING = object()
 
 
 @dataclass
@@ -70,61 +70,62 @@ def freeze_batchnorm_stats(model: nn.Module | list[nn.modules.batchnorm._BatchNo
                 m.num_batches_tracked.copy_(count)
 
 
-def _record_leaves(value: Any, budget: int) -> int:
-    """Leaves left in ``budget`` after ``value``, if it is bookkeeping data; -1 if it is not.
 
-    Bookkeeping: numbers, strings, ``None``, one-element tensors, and dicts/lists/tuples/sets of them, with at
-    most ``budget`` leaves. Models, optimizers, data sets, batches of tensors and the like are not.
+class _Snapshot:
+    """The structure of one attribute value, cheap to take: identities, shallow list copies, tensor scalars.
+
+    Dicts are followed (their keys and values), lists are copied shallowly (pointers, not elements), one-element
+    tensors are cloned (they may be updated in place, e.g. a token counter), anything else is kept by identity.
     """
-    if budget < 0:
-        return -1
-    if value is None or isinstance(value, (bool, int, float, complex, str, bytes)):
-        return budget - 1
-    if isinstance(value, torch.Tensor):
-        return budget - 1 if value.numel() <= 1 else -1
-    if type(value) in (dict, list, tuple, set) or isinstance(value, dict) and type(value).__module__ == "collections":
-        items = value.items() if isinstance(value, dict) else ((None, v) for v in value)
-        for key, item in items:
-            budget = _record_leaves(item, _record_leaves(key, budget) + (key is None))
-            if budget < 0:
-                return -1
-        return budget
-    return -1
+
+    __slots__ = ("value", "items", "tensor")
+
+    def __init__(self, value: Any, depth: int = 0):
+        self.value, self.items, self.tensor = value, None, None
+        if isinstance(value, dict) and depth < _MAX_DEPTH:
+            self.items = {k: _Snapshot(v, depth + 1) for k, v in value.items()}
+        elif isinstance(value, list):
+            self.items = list(value)
+        elif isinstance(value, torch.Tensor) and value.numel() == 1:
+            self.tensor = value.detach().clone()
+
+    def restore(self) -> None:
+        """Put ``self.value`` back as it was, in place."""
+        value = self.value
+        if isinstance(self.items, dict):
+            for key in [k for k in value if k not in self.items]:
+                del value[key]  # added by the block
+            for key, snap in self.items.items():
+                if value.get(key, _MISSING) is not snap.value:
+                    value[key] = snap.value  # removed or rebound by the block
+                snap.restore()
+        elif isinstance(self.items, list):
+            if len(value) != len(self.items) or any(a is not b for a, b in zip(value, self.items)):
+                value[:] = self.items
+        elif self.tensor is not None:
+            with torch.no_grad():
+                value.copy_(self.tensor)
 
 
 @contextlib.contextmanager
 def leave_no_trace(obj: Any) -> Iterator[None]:
-    """Put back every bookkeeping attribute of ``obj`` that the block changed, and remove the ones it added.
+    """Undo what the block did to the attributes of ``obj``: bindings, dicts, lists and scalar tensors.
 
-    Used around the second pass of a Trainer step: metrics lists, token counters and the like that a
+    Used around the second pass of a Trainer step, so that metric lists, token counters and the like that a
     `compute_loss` records (TRL's ``_metrics``, ``_total_train_tokens``, ...) keep the first pass's values,
-    whatever the subclass. Containers are restored in place, so references to them stay valid. Attributes
-    that are not bookkeeping (see `_record_leaves`) are not copied.
+    whatever the subclass. Attributes the block added are removed, rebound ones are bound again, dicts and
+    lists are restored in place (references to them stay valid), one-element tensors are copied back. Taking
+    the snapshot costs a walk over the attributes and the keys of their dicts and a pointer copy of their lists
+    (no element is copied), so it stays cheap however long the metric lists grow between two logs.
     """
-    before = vars(obj)
-    saved = {name: copy.deepcopy(v) for name, v in before.items() if _record_leaves(v, _MAX_RECORD_LEAVES) >= 0}
-    names = set(before)
+    snapshots = {name: _Snapshot(value) for name, value in vars(obj).items()}
     try:
         yield
     finally:
         state = vars(obj)
-        for name in set(state) - names:
+        for name in [n for n in state if n not in snapshots]:
             delattr(obj, name)
-        for name, old in saved.items():
-            current = state.get(name)
-            if current is old or (type(current) is type(old) and _same(current, old)):
-                continue
-            if isinstance(current, dict) and isinstance(old, dict):
-                current.clear()
-                current.update(old)
-            elif isinstance(current, list) and isinstance(old, list):
-                current[:] = old
-            else:
-                setattr(obj, name, old)
-
-
-def _same(a: Any, b: Any) -> bool:
-    try:
-        return bool(a == b) if not isinstance(a, torch.Tensor) else a is b
-    except (RuntimeError, TypeError, ValueError):
-        return False
+        for name, snap in snapshots.items():
+            if state.get(name, _MISSING) is not snap.value:
+                setattr(obj, name, snap.value)
+            snap.restore()

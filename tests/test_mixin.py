@@ -52,10 +52,10 @@ class Capture:
     @staticmethod
     def of(base):
         class Captured(SSAMMixin, base):
-            calls: list
+            calls: list = []  # on the class: the trainer's own attributes are put back after the second pass
 
             def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-                self.__dict__.setdefault("calls", []).append((copy.copy(inputs), num_items_in_batch))
+                type(self).calls.append((copy.copy(inputs), num_items_in_batch))
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
         return Captured
