@@ -70,7 +70,6 @@ def freeze_batchnorm_stats(model: nn.Module | list[nn.modules.batchnorm._BatchNo
                 m.num_batches_tracked.copy_(count)
 
 
-
 class _Snapshot:
     """The structure of one attribute value, cheap to take: identities, shallow list copies, tensor scalars.
 
