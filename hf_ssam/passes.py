@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["RNGState", "batchnorm_modules", "freeze_batchnorm_stats", "leave_no_trace"]
+__all__ = ["RNGState", "freeze_batchnorm_stats", "leave_no_trace"]
 
 #: How deep `leave_no_trace` follows nested dicts (TRL keeps ``_metrics[mode][name]`` lists: depth 2).
 _MAX_DEPTH = 4
