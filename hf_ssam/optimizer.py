@@ -25,6 +25,12 @@ class SSAMOptimizer(torch.optim.Optimizer):
         rho: perturbation radius ρ ≥ 0.
         renormalize: rescale the descent gradient by γ = ‖g‖/‖g_asc‖; None means on for `"ssam"` only.
         asam_eta: ASAM's η ≥ 0.
+        gamma_bounds: experimental; `(γ_min, γ_max)` with 0 < γ_min ≤ 1 ≤ γ_max: the renormalization uses
+            γ clipped to these bounds (`functional.clip_renormalization_factor`). Needs renormalization.
+            `last_metrics["gamma"]` stays the measured, unclipped γ.
+        scale_rho_by_gamma: experimental; climb with ρ_t = ρ·γ_{t−1}, γ_{t−1} = ‖g‖/‖g_asc‖ of the previous
+            step (`functional.rho_scaled_by_gamma`); ρ at the first step. The last γ is not saved in
+            `state_dict()`: a resumed run starts again from ρ.
         **base_kwargs: passed to `base_optimizer_cls` (lr, momentum, weight_decay, …).
 
     Two ways to use it, with two calls around your own backward passes:
@@ -55,9 +61,12 @@ class SSAMOptimizer(torch.optim.Optimizer):
         rho: float = 0.05,
         renormalize: bool | None = None,
         asam_eta: float = 0.01,
+        gamma_bounds: tuple[float, float] | None = None,
+        scale_rho_by_gamma: bool = False,
         **base_kwargs: Any,
     ) -> None:
         check_sam_config(variant, rho, renormalize, asam_eta, prefix="")
+        _check_gamma_control(gamma_bounds, scale_rho_by_gamma, variant, renormalize)
         if variant == NO_SAM:
             raise ValueError(
                 f"variant={variant!r} is not supported by SSAMOptimizer; choose one of {list(F.VARIANTS)} "
@@ -76,6 +85,9 @@ class SSAMOptimizer(torch.optim.Optimizer):
         self._grad_norm: Tensor | None = None
         self._skipped = False
         self._last: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
+        self._gamma_bounds = None if gamma_bounds is None else (float(gamma_bounds[0]), float(gamma_bounds[1]))
+        self._scale_rho_by_gamma = scale_rho_by_gamma
+        self._previous_gamma: Tensor | None = None  # γ_{t−1}, for scale_rho_by_gamma
 
     def _link_base(self) -> None:
         """Share param groups and state with the base optimizer (one truth for schedulers and checkpoints)."""
@@ -115,6 +127,9 @@ class SSAMOptimizer(torch.optim.Optimizer):
                 )
                 for group, _ in groups
             ]  # all scales before any weight moves
+            if self._scale_rho_by_gamma:  # ρ_t = ρ·γ_{t−1}
+                factor = F.rho_scaled_by_gamma(1.0, self._previous_gamma).to(grad_norm.device)
+                scales = [scale * factor for scale in scales]
             for (group, ps), scale in zip(groups, scales):
                 if not ps:
                     continue
@@ -138,11 +153,14 @@ class SSAMOptimizer(torch.optim.Optimizer):
         group_grads = [(g, [p.grad for p in self._params_with_grad(g)]) for g in self.param_groups]
         ascent_grad_norm = F.global_norm([t for _, gs in group_grads for t in gs])  # ‖g_asc‖
         gamma, rescale_skipped = F.renormalization_factor(self._grad_norm, ascent_grad_norm)  # γ = ‖g‖/‖g_asc‖
+        if self._scale_rho_by_gamma:
+            self._previous_gamma = gamma
+        applied = gamma if self._gamma_bounds is None else F.clip_renormalization_factor(gamma, *self._gamma_bounds)
         renormalized = False
         for group, grads in group_grads:
             if F.uses_renormalization(group["variant"], group["renormalize"]):
                 renormalized = True
-                F.rescale_(grads, gamma)  # g_asc ← γ·g_asc
+                F.rescale_(grads, applied)  # g_asc ← γ·g_asc (γ clipped to [γ_min, γ_max] if bounded)
         self.base_optimizer.step()
         self._opt_called = True  # second_step is this optimizer's step for LR schedulers' order check
         skipped = rescale_skipped if renormalized else torch.zeros((), dtype=torch.bool)
@@ -194,3 +212,20 @@ class SSAMOptimizer(torch.optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """The base optimizer's state dict; the param groups also hold `variant`, `rho`, `renormalize`, `asam_eta`."""
         return self.base_optimizer.state_dict()
+
+
+def _check_gamma_control(
+    gamma_bounds: tuple[float, float] | None, scale_rho_by_gamma: bool, variant: str, renormalize: bool | None
+) -> None:
+    """Refuse bad γ-control options with a ValueError naming the field and the allowed values."""
+    if gamma_bounds is not None:
+        if not isinstance(gamma_bounds, (tuple, list)) or len(gamma_bounds) != 2:
+            raise ValueError(f"gamma_bounds={gamma_bounds!r} is invalid; give a pair (gamma_min, gamma_max) or None.")
+        F.check_gamma_bounds(gamma_bounds[0], gamma_bounds[1], prefix="gamma_bounds: ")
+        if not F.uses_renormalization(variant, renormalize):
+            raise ValueError(
+                f"gamma_bounds={tuple(gamma_bounds)!r} needs renormalization, which variant={variant!r} with "
+                f"renormalize={renormalize!r} does not use; use variant='ssam' or renormalize=True."
+            )
+    if scale_rho_by_gamma not in (True, False):
+        raise ValueError(f"scale_rho_by_gamma={scale_rho_by_gamma!r} is invalid; choose one of [True, False].")
