@@ -27,6 +27,7 @@ SCRIPTS: dict[str, tuple[str, ...]] = {
     "bench/paper/autoencoder.py": ("autoencoder.csv", "autoencoder_escape.csv", "autoencoder.png"),
     "bench/paper/lr_stability.py": ("lr_stability.csv", "lr_stability.png"),
     "bench/paper/gamma_trace.py": ("gamma_trace.csv", "gamma_trace.png"),
+    "bench/paper/noisy_quadratic.py": ("noisy_quadratic.csv", "noisy_quadratic_summary.csv", "noisy_quadratic.png"),
 }
 #: every script prints verdict lines starting with one of these words
 VERDICT_WORDS: dict[str, tuple[str, ...]] = {"bench/step_cost.py": ("PASS", "FAIL")}
