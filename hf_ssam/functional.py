@@ -151,11 +151,12 @@ def check_gamma_bounds(gamma_min: float, gamma_max: float, *, prefix: str = "") 
         raise ValueError(f"{prefix}gamma_max={gamma_max!r} is invalid; it must satisfy gamma_max >= 1 (inf allowed).")
 
 
-def clip_renormalization_factor(gamma: Tensor, gamma_min: float, gamma_max: float) -> Tensor:
+def clip_renormalization_factor(gamma: Tensor, gamma_min: float | Tensor, gamma_max: float | Tensor) -> Tensor:
     """``γ ← min(max(γ, γ_min), γ_max)``: the rescale ``g_asc ← γ·g_asc`` with a bounded factor.
 
     ``[γ_min, γ_max] = [1, 1]`` is SAM without renormalization, ``[0⁺, ∞]`` is SSAM; in between, the
-    renormalization acts only where ``g_asc`` grew (shrank) by more than ``1/γ_min`` (``1/γ_max``).
+    renormalization acts only where ``g_asc`` grew (shrank) by more than ``1/γ_min`` (``1/γ_max``). The bounds
+    may be tensors broadcasting against ``γ`` (one pair per independent run).
     """
     return gamma.clamp(min=gamma_min, max=gamma_max)  # γ ∈ [γ_min, γ_max]
 

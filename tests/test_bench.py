@@ -20,7 +20,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-#: script (relative to the repository root) -> files it must write into --out
+#: script (relative to the repository root, then any options besides --quick) -> files it must write into --out
 SCRIPTS: dict[str, tuple[str, ...]] = {
     "bench/step_cost.py": ("step_cost.csv", "checks.csv", "memory.csv", "step_cost.png"),
     "bench/paper/saddle.py": ("saddle.csv", "saddle.png"),
@@ -28,6 +28,9 @@ SCRIPTS: dict[str, tuple[str, ...]] = {
     "bench/paper/lr_stability.py": ("lr_stability.csv", "lr_stability.png"),
     "bench/paper/gamma_trace.py": ("gamma_trace.csv", "gamma_trace.png"),
     "bench/paper/noisy_quadratic.py": ("noisy_quadratic.csv", "noisy_quadratic_summary.csv", "noisy_quadratic.png"),
+    "bench/paper/autoencoder.py --sweep": ("autoencoder_sweep.csv",),
+    "bench/paper/stability.py": ("stability.csv", "stability.png"),
+    "bench/paper/gamma_control.py": ("gamma_control.csv", "gamma_control.png"),
 }
 #: every script prints verdict lines starting with one of these words
 VERDICT_WORDS: dict[str, tuple[str, ...]] = {"bench/step_cost.py": ("PASS", "FAIL")}
@@ -48,7 +51,7 @@ class _Run:
         )
         self.out = out
         self.proc = subprocess.Popen(
-            [sys.executable, str(ROOT / script), "--quick", "--out", str(out)],
+            [sys.executable, str(ROOT / script.split()[0]), *script.split()[1:], "--quick", "--out", str(out)],
             cwd=out.parent,
             env=env,
             stdout=subprocess.PIPE,
@@ -77,7 +80,7 @@ def runs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
     ]
     started = {}
     for script in dict.fromkeys(selected):
-        out = tmp_path_factory.mktemp(Path(script).stem) / "out"
+        out = tmp_path_factory.mktemp(Path(script.split()[0]).stem + "".join(script.split()[1:])) / "out"
         started[script] = _Run(script, out)
     yield started
     for run in started.values():
