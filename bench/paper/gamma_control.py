@@ -5,6 +5,7 @@ Commands (from the repository root)::
     .venv/bin/python bench/paper/gamma_control.py            # the three experiments, ~4-6 minutes
     .venv/bin/python bench/paper/gamma_control.py --quick    # smoke test, seconds
     .venv/bin/python bench/paper/gamma_control.py --only saddle   # one of saddle, lr_stability, quadratic
+    .venv/bin/python bench/paper/gamma_control.py --only lr_stability --seeds 3 --configs usam ssam 'ssam[<=1]'
 
 Writes ``gamma_control.csv`` (one row per experiment, configuration and setting) and
 ``gamma_control.png`` to ``--out`` (default ``outputs/bench/gamma_control/``).
@@ -154,7 +155,7 @@ def cross_check(steps: int = 40) -> float:
     return worst
 
 
-def saddle_experiment(quick: bool) -> list[dict]:
+def saddle_experiment(quick: bool, names: list[str], seeds: int) -> list[dict]:
     import saddle
 
     n_lrs, n_starts, horizon = (2, 16, 1.0) if quick else (8, 500, 20.0)
@@ -163,7 +164,7 @@ def saddle_experiment(quick: bool) -> list[dict]:
     starts = torch.rand(n_starts, 2, generator=gen) * 4 - 2
     out = []
     for rho in (0.2, 0.4):
-        for name in CONFIGS:
+        for name in names:
             successes = []
             for lr in lrs:  # one lr at a time: every row has the same budget
                 rows = RowConfig([name], [rho], n_starts, torch.float32)
@@ -187,7 +188,7 @@ def saddle_experiment(quick: bool) -> list[dict]:
     return out
 
 
-def lr_stability_experiment(quick: bool) -> list[dict]:
+def lr_stability_experiment(quick: bool, names: list[str], seeds: int) -> list[dict]:
     x, y = _common.digits()
     lrs, epochs = ((1.0,), 1) if quick else ((0.1, 1.0, 3.16), 15)
     if quick:
@@ -195,39 +196,51 @@ def lr_stability_experiment(quick: bool) -> list[dict]:
     loss_fn = nn.CrossEntropyLoss()
     out = []
     for lr in lrs:
-        for name in CONFIGS:
-            torch.manual_seed(0)
-            model = _common.small_cnn()
-            opt = optimizer_for(name, model.parameters(), 1.0, lr=lr, momentum=0.9, weight_decay=5e-4)
-            gen = torch.Generator().manual_seed(0)
-            model.train()
-            for _ in range(epochs):
-                perm = torch.randperm(len(x), generator=gen)
-                for i in range(0, len(x) - 127, 128):
-                    xb, yb = x[perm[i : i + 128]], y[perm[i : i + 128]]
-                    loss_fn(model(xb), yb).backward()
-                    opt.first_step(zero_grad=True)
-                    with freeze_batchnorm_stats(model):
+        for name in names:
+            losses, accs = [], []
+            for seed in range(seeds):
+                torch.manual_seed(seed)
+                model = _common.small_cnn()
+                opt = optimizer_for(name, model.parameters(), 1.0, lr=lr, momentum=0.9, weight_decay=5e-4)
+                gen = torch.Generator().manual_seed(seed)
+                model.train()
+                for _ in range(epochs):
+                    perm = torch.randperm(len(x), generator=gen)
+                    for i in range(0, len(x) - 127, 128):
+                        xb, yb = x[perm[i : i + 128]], y[perm[i : i + 128]]
                         loss_fn(model(xb), yb).backward()
-                    opt.second_step(zero_grad=True)
-            model.eval()
-            with torch.no_grad():
-                logits = model(x)
-                loss = loss_fn(logits, y).item()
-                acc = (logits.argmax(1) == y).double().mean().item()
-            loss = loss if math.isfinite(loss) else INF
+                        opt.first_step(zero_grad=True)
+                        with freeze_batchnorm_stats(model):
+                            loss_fn(model(xb), yb).backward()
+                        opt.second_step(zero_grad=True)
+                model.eval()
+                with torch.no_grad():
+                    logits = model(x)
+                    loss = loss_fn(logits, y).item()
+                    accs.append((logits.argmax(1) == y).double().mean().item())
+                losses.append(loss if math.isfinite(loss) else INF)
             out.append(
-                {"experiment": "lr_stability", "config": name, "setting": f"lr={lr:g}", "score": loss, "accuracy": acc}
+                {
+                    "experiment": "lr_stability",
+                    "config": name,
+                    "setting": f"lr={lr:g}",
+                    "score": statistics.fmean(losses),
+                    "accuracy": statistics.fmean(accs),
+                    "per_seed": " ".join(f"{v:.3g}" for v in losses),
+                }
             )
-            print(f"  lr_stability lr={lr:g} {name:15s} loss {loss:.3g} accuracy {acc:.3f}", flush=True)
+            print(
+                f"  lr_stability lr={lr:g} {name:15s} loss {out[-1]['score']:.3g} (seeds: {out[-1]['per_seed']}) "
+                f"accuracy {out[-1]['accuracy']:.3f}",
+                flush=True,
+            )
     return out
 
 
-def quadratic_experiment(quick: bool) -> list[dict]:
+def quadratic_experiment(quick: bool, names: list[str], seeds: int) -> list[dict]:
     import noisy_quadratic as nq
 
     steps, seeds = (2000, 1) if quick else (200_000, 3)
-    names = list(CONFIGS)
     rhos = (0.2, 1.0, 2.0)
     cfg_names = [n for _ in rhos for n in names]
     cfg_rhos = [r for r in rhos for _ in names]
@@ -292,15 +305,20 @@ def claims(rows: list[dict]) -> list[str]:
         def better(a: float, b: float, sign: float = sign) -> bool:
             return sign * (a - b) > 0
 
+        configs = {r["config"] for r in sub}
         for name, base in BASELINE.items():
+            if name not in configs or base not in configs:
+                continue
             wins = [s for s in settings if better(at[(name, s)], at[(base, s)])]
-            best = [s for s in settings if all(better(at[(name, s)], at[(o, s)]) for o in ("usam", "ssam"))]
+            others = [o for o in ("usam", "ssam") if o in configs]
+            rivals = "both SAM and SSAM" if len(others) == 2 else " and ".join(others) or "nothing else"
+            best = [s for s in settings if all(better(at[(name, s)], at[(o, s)]) for o in others)]
             detail = ", ".join(f"{s}: {at[(name, s)]:.3g} vs {at[(base, s)]:.3g}" for s in settings)
             lines.append(
                 _common.verdict(
                     len(wins) == len(settings),
                     f"[{experiment}] {name} improves on {base} in {len(wins)}/{len(settings)} settings ({detail}); "
-                    f"beats both SAM and SSAM in {len(best)}/{len(settings)}",
+                    f"beats {rivals} in {len(best)}/{len(settings)}",
                 )
             )
     return lines
@@ -311,10 +329,10 @@ def plot(rows: list[dict], path: Path) -> None:
 
     experiments = list(dict.fromkeys(r["experiment"] for r in rows))
     fig, axes = plt.subplots(1, len(experiments), figsize=(5.5 * len(experiments), 3.8), squeeze=False)
-    names = list(CONFIGS)
     for ax, experiment in zip(axes[0], experiments):
         sub = [r for r in rows if r["experiment"] == experiment]
         settings = list(dict.fromkeys(r["setting"] for r in sub))
+        names = list(dict.fromkeys(r["config"] for r in sub))
         width = 0.8 / len(settings)
         for k, setting in enumerate(settings):
             values = [next(r["score"] for r in sub if r["config"] == n and r["setting"] == setting) for n in names]
@@ -337,8 +355,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke test, seconds")
     parser.add_argument("--only", choices=["saddle", "lr_stability", "quadratic"], action="append", default=None)
+    parser.add_argument(
+        "--configs", nargs="+", default=list(CONFIGS), help=f"a subset of {list(CONFIGS)} (default all)"
+    )
+    parser.add_argument("--seeds", type=int, default=1, help="seeds of the lr_stability runs (default 1)")
     parser.add_argument("--out", type=Path, default=_common.default_out("gamma_control"))
     args = parser.parse_args(argv)
+    names = list(dict.fromkeys(args.configs))
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown:
+        parser.error(f"--configs: unknown {unknown}; choose from {list(CONFIGS)}")
     torch.set_num_threads(1)
     started = time.perf_counter()
     deviation = cross_check(steps=10 if args.quick else 40)
@@ -355,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, fn in experiments.items():
         if args.only is None or name in args.only:
             t0 = time.perf_counter()
-            rows += fn(args.quick)
+            rows += fn(args.quick, names, args.seeds)
             print(f"  ({name}: {time.perf_counter() - t0:.0f}s)", flush=True)
     _common.write_csv(args.out / "gamma_control.csv", rows)
     plot(rows, args.out / "gamma_control.png")
