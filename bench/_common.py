@@ -42,6 +42,7 @@ __all__ = [
     "format_table",
     "log_space",
     "print_lines",
+    "rowwise_sam_direction",
     "savefig",
     "small_cnn",
     "verdict",
@@ -164,3 +165,41 @@ def small_cnn(num_classes: int = 10) -> Any:
         nn.Flatten(),
         nn.Linear(32, num_classes),
     )
+
+
+def rowwise_sam_direction(
+    gradient: Any,
+    x: Any,
+    noise: Any,
+    rho: Any,
+    normalized: Any,
+    renormalize: Any,
+    *,
+    gamma_bounds: tuple[float, float] | None = None,
+    rho_factor: Any = None,
+) -> tuple[Any, Any]:
+    """One SAM-family step for many independent runs at once: the rows of ``x`` (norms are per row).
+
+    ``gradient(x)`` is the noise-free gradient per row and ``noise`` the additive gradient noise of this
+    step, the same in both passes (one mini-batch). ``rho`` (rows, 1) is per row (0 gives plain SGD),
+    ``normalized`` (rows, 1, bool) picks SAM*'s ``e = ρ·g/‖g‖`` over SAM's ``e = ρ·g`` and ``renormalize``
+    (rows, 1, bool) applies SSAM's ``g_asc ← γ·g_asc``, with γ clipped to ``gamma_bounds`` if given.
+    ``rho_factor`` (rows, 1) multiplies ρ (``functional.rho_scaled_by_gamma``). Returns the direction the
+    SGD base step takes and the measured, unclipped γ = ‖g‖/‖g_asc‖ per row. Built from the package's
+    ``hf_ssam.functional`` pieces; the scripts compare it with ``SSAMOptimizer`` before using it.
+    """
+    import torch
+
+    from hf_ssam import functional as F
+
+    g = gradient(x) + noise  # g = ∇F(x)
+    grad_norm = torch.linalg.vector_norm(g, dim=1, keepdim=True)  # ‖g‖ per run
+    scale = torch.where(
+        normalized, F.perturbation_scale("sam", 1.0, grad_norm), F.perturbation_scale("usam", 1.0, grad_norm)
+    )
+    scale = scale * rho if rho_factor is None else scale * rho * rho_factor  # e = s·g (ρ·g/‖g‖ or ρ·g)
+    ok = torch.isfinite(scale) & torch.isfinite(grad_norm) & (grad_norm > 0)  # else: no perturbation
+    g_asc = gradient(x + torch.where(ok, scale * g, 0.0)) + noise  # g_asc = ∇F(x + e), same noise
+    gamma, _ = F.renormalization_factor(grad_norm, torch.linalg.vector_norm(g_asc, dim=1, keepdim=True))
+    applied = gamma if gamma_bounds is None else F.clip_renormalization_factor(gamma, *gamma_bounds)
+    return torch.where(renormalize, applied * g_asc, g_asc), gamma

@@ -31,12 +31,15 @@ __all__ = [
     "PERTURBATIONS",
     "VARIANTS",
     "ascend",
+    "check_gamma_bounds",
+    "clip_renormalization_factor",
     "global_norm",
     "perturbation_scale",
     "renormalization_factor",
     "rescale_",
     "restore_",
     "save_",
+    "rho_scaled_by_gamma",
     "uses_renormalization",
     "zero_unless_",
 ]
@@ -256,3 +259,43 @@ def zero_unless_(tensors: Sequence[Tensor], keep: Tensor) -> None:
         by_kind.setdefault((t.device, bits), []).append(t.view(bits))
     for (device, bits), views in by_kind.items():
         torch._foreach_mul_(views, keep.to(device=device, dtype=bits))  # bits·1 = bits, bits·0 = +0.0
+
+
+# Controlling γ (the paper's closing question; experimental). Two ways to keep the descent step in check:
+# bound γ itself, or shrink ρ when the ascent gradient outgrows g.
+
+
+def check_gamma_bounds(gamma_min: float, gamma_max: float, *, prefix: str = "") -> None:
+    """Raise a ``ValueError`` unless ``0 < γ_min ≤ 1 ≤ γ_max`` (``γ_max`` may be ``inf``).
+
+    The bounds must contain 1, so that a step where ``g_asc = g`` is left alone.
+    """
+    for name, value in (("gamma_min", gamma_min), ("gamma_max", gamma_max)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+            raise ValueError(f"{prefix}{name}={value!r} is invalid; it must be a number.")
+    if not 0 < gamma_min <= 1:
+        raise ValueError(f"{prefix}gamma_min={gamma_min!r} is invalid; it must satisfy 0 < gamma_min <= 1.")
+    if not gamma_max >= 1:
+        raise ValueError(f"{prefix}gamma_max={gamma_max!r} is invalid; it must satisfy gamma_max >= 1 (inf allowed).")
+
+
+def clip_renormalization_factor(gamma: Tensor, gamma_min: float | Tensor, gamma_max: float | Tensor) -> Tensor:
+    """``γ ← min(max(γ, γ_min), γ_max)``: the rescale ``g_asc ← γ·g_asc`` with a bounded factor.
+
+    ``[γ_min, γ_max] = [1, 1]`` is SAM without renormalization, ``[0⁺, ∞]`` is SSAM; in between, the
+    renormalization acts only where ``g_asc`` grew (shrank) by more than ``1/γ_min`` (``1/γ_max``). The bounds
+    may be tensors broadcasting against ``γ`` (one pair per independent run).
+    """
+    return gamma.clamp(min=gamma_min, max=gamma_max)  # γ ∈ [γ_min, γ_max]
+
+
+def rho_scaled_by_gamma(rho: float, previous_gamma: Tensor | None) -> Tensor:
+    """``ρ_t = ρ·γ_{t−1}`` with ``γ_{t−1} = ‖g‖/‖g_asc‖`` measured at the previous step (``ρ`` at the first).
+
+    The radius shrinks where the ascent gradient outgrew ``g`` at the last step (sharp region) and grows
+    where it shrank; the descent gradient itself is not rescaled. ``g_asc`` of the current step is not
+    known before the climb, hence the previous step's ratio (no extra pass).
+    """
+    if previous_gamma is None:
+        return torch.tensor(float(rho))
+    return rho * previous_gamma  # ρ_t = ρ·‖g_{t−1}‖/‖g_asc,t−1‖

@@ -46,11 +46,17 @@ class SSAMOptimizer(torch.optim.Optimizer):
         asam_eta: ASAM's η ≥ 0.
         max_grad_norm: clip the final gradient (after the rescale, unscaled) to this global L2 norm before the
             base step, as `SSAMTrainer` clips with `max_grad_norm`; None (default) does not clip.
+        gamma_bounds: experimental; `(γ_min, γ_max)` with 0 < γ_min ≤ 1 ≤ γ_max: the renormalization uses
+            γ clipped to these bounds (`functional.clip_renormalization_factor`). Needs renormalization.
+            `last_metrics["gamma"]` stays the measured, unclipped γ.
+        scale_rho_by_gamma: experimental; climb with ρ_t = ρ·γ_{t−1}, γ_{t−1} = ‖g‖/‖g_asc‖ of the previous
+            step (`functional.rho_scaled_by_gamma`); ρ at the first step. The last γ is not saved in
+            `state_dict()`: a resumed run starts again from ρ.
         **base_kwargs: passed to `base_optimizer_cls` (lr, momentum, weight_decay, …).
 
     Raises:
-        ValueError: a bad `variant`, `rho`, `renormalize`, `asam_eta` or `max_grad_norm` (here or in a
-            parameter group), or `variant="none"`.
+        ValueError: a bad `variant`, `rho`, `renormalize`, `asam_eta`, `max_grad_norm`, `gamma_bounds` or
+            `scale_rho_by_gamma` (here or in a parameter group), or `variant="none"`.
         TypeError: `base_optimizer_cls` is not a `torch.optim.Optimizer` subclass.
 
     Two calls around your own backward passes:
@@ -95,10 +101,13 @@ class SSAMOptimizer(torch.optim.Optimizer):
         renormalize: bool | None = None,
         asam_eta: float = 0.01,
         max_grad_norm: float | None = None,
+        gamma_bounds: tuple[float, float] | None = None,
+        scale_rho_by_gamma: bool = False,
         **base_kwargs: Any,
     ) -> None:
         sam = _sam_settings(variant, rho, renormalize, asam_eta)
         _check_max_grad_norm(max_grad_norm)
+        _check_gamma_control(gamma_bounds, scale_rho_by_gamma, variant, renormalize)
         if not (isinstance(base_optimizer_cls, type) and issubclass(base_optimizer_cls, torch.optim.Optimizer)):
             if isinstance(base_optimizer_cls, torch.optim.Optimizer):
                 got = f"a built {type(base_optimizer_cls).__name__} instance"
@@ -110,6 +119,7 @@ class SSAMOptimizer(torch.optim.Optimizer):
             )
         super().__init__(params, {**sam, **base_kwargs})
         self._adopt(base_optimizer_cls(self.param_groups, **base_kwargs), max_grad_norm)
+        self._set_gamma_control(gamma_bounds, scale_rho_by_gamma)
 
     @classmethod
     def wrap(
@@ -121,6 +131,8 @@ class SSAMOptimizer(torch.optim.Optimizer):
         renormalize: bool | None = None,
         asam_eta: float = 0.01,
         max_grad_norm: float | None = None,
+        gamma_bounds: tuple[float, float] | None = None,
+        scale_rho_by_gamma: bool = False,
     ) -> SSAMOptimizer:
         """The SAM optimizer over an optimizer that is already built, sharing its parameter groups and state.
 
@@ -146,10 +158,12 @@ class SSAMOptimizer(torch.optim.Optimizer):
             )
         sam = _sam_settings(variant, rho, renormalize, asam_eta)
         _check_max_grad_norm(max_grad_norm)
+        _check_gamma_control(gamma_bounds, scale_rho_by_gamma, variant, renormalize)
         self = cls.__new__(cls)
         # The base optimizer's own group dicts: the SAM keys are filled in where a group does not set them.
         torch.optim.Optimizer.__init__(self, base_optimizer.param_groups, sam)
         self._adopt(base_optimizer, max_grad_norm)
+        self._set_gamma_control(gamma_bounds, scale_rho_by_gamma)
         return self
 
     def _adopt(self, base_optimizer: torch.optim.Optimizer, max_grad_norm: float | None) -> None:
@@ -160,6 +174,11 @@ class SSAMOptimizer(torch.optim.Optimizer):
         self._backup: dict[Tensor, Tensor] = {}  # saved w, one buffer per parameter, reused every step
         self._pending: _FirstStep | None = None
         self._last: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
+
+    def _set_gamma_control(self, gamma_bounds: tuple[float, float] | None, scale_rho_by_gamma: bool) -> None:
+        self._gamma_bounds = None if gamma_bounds is None else (float(gamma_bounds[0]), float(gamma_bounds[1]))
+        self._scale_rho_by_gamma = scale_rho_by_gamma
+        self._previous_gamma: Tensor | None = None  # γ_{t−1}, for scale_rho_by_gamma
 
     def _link_base(self) -> None:
         """Share param groups and state with the base optimizer (one truth for schedulers and checkpoints)."""
@@ -236,6 +255,9 @@ class SSAMOptimizer(torch.optim.Optimizer):
             if inv_scale is not None and F.PERTURBATIONS[variant] == "usam":
                 scale = scale * inv_scale  # e = ρ·g = ρ·.grad/scale (sam's and asam's scales do not depend on it)
             scales.append(torch.where(perturb & torch.isfinite(scale), scale, 0.0))
+        if self._scale_rho_by_gamma:  # ρ_t = ρ·γ_{t−1}
+            factor = F.rho_scaled_by_gamma(1.0, self._previous_gamma).to(stored_norm.device)
+            scales = [scale * factor for scale in scales]
         F.save_([self._backup_buffer(p) for p in params], params)  # w
         if not zero_grad:
             grads = [g.clone() for g in grads]  # .grad stays g
@@ -299,11 +321,14 @@ class SSAMOptimizer(torch.optim.Optimizer):
             F.rescale_(grads, grad_scale.double().reciprocal().float())  # g_asc = .grad / scale, as unscale_ does
         ascent_grad_norm = F.global_norm(grads)  # ‖g_asc‖
         gamma, rescale_skipped = F.renormalization_factor(pending.grad_norm, ascent_grad_norm)  # γ = ‖g‖/‖g_asc‖
+        if self._scale_rho_by_gamma:
+            self._previous_gamma = gamma
+        applied = gamma if self._gamma_bounds is None else F.clip_renormalization_factor(gamma, *self._gamma_bounds)
         skipped = pending.perturb_skipped
         for (group, _), group_grads in zip(groups, grads_per_group):
             if F.uses_renormalization(group["variant"], group["renormalize"]):
                 skipped = pending.perturb_skipped | rescale_skipped
-                F.rescale_(group_grads, gamma)  # g_asc ← γ·g_asc
+                F.rescale_(group_grads, applied)  # g_asc ← γ·g_asc (γ clipped to [γ_min, γ_max] if bounded)
         if self.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_([p for _, ps in groups for p in ps], self.max_grad_norm)  # the final g
         if in_scaler_step:
@@ -403,3 +428,20 @@ def _check_max_grad_norm(max_grad_norm: float | None) -> None:
         raise ValueError(
             f"max_grad_norm={max_grad_norm!r} is invalid; it must be None (no clipping) or a finite number > 0."
         )
+
+
+def _check_gamma_control(
+    gamma_bounds: tuple[float, float] | None, scale_rho_by_gamma: bool, variant: str, renormalize: bool | None
+) -> None:
+    """Refuse bad γ-control options with a ValueError naming the field and the allowed values."""
+    if gamma_bounds is not None:
+        if not isinstance(gamma_bounds, (tuple, list)) or len(gamma_bounds) != 2:
+            raise ValueError(f"gamma_bounds={gamma_bounds!r} is invalid; give a pair (gamma_min, gamma_max) or None.")
+        F.check_gamma_bounds(gamma_bounds[0], gamma_bounds[1], prefix="gamma_bounds: ")
+        if not F.uses_renormalization(variant, renormalize):
+            raise ValueError(
+                f"gamma_bounds={tuple(gamma_bounds)!r} needs renormalization, which variant={variant!r} with "
+                f"renormalize={renormalize!r} does not use; use variant='ssam' or renormalize=True."
+            )
+    if not isinstance(scale_rho_by_gamma, bool):
+        raise ValueError(f"scale_rho_by_gamma={scale_rho_by_gamma!r} is invalid; choose one of [True, False].")

@@ -231,3 +231,38 @@ def test_scalars_are_taken_to_each_tensors_device(monkeypatch):
     a, b = torch.ones(2), torch.ones(3)
     _mul_([a, b], torch.tensor(2.0))
     assert calls == [2] and torch.equal(a, torch.full((2,), 2.0))  # one device: one multi-tensor kernel
+
+
+# γ control (experimental): bounds on γ and ρ scaled by the previous γ
+
+
+@pytest.mark.parametrize("gamma, lo, hi, expected", [(0.3, 0.5, 2.0, 0.5), (0.7, 0.5, 2.0, 0.7), (3.0, 0.5, 2.0, 2.0)])
+def test_clip_renormalization_factor(gamma, lo, hi, expected):
+    out = F.clip_renormalization_factor(torch.tensor(gamma, dtype=torch.float64), lo, hi)
+    assert out.item() == expected and out.dtype == torch.float64
+
+
+def test_clip_renormalization_factor_open_upper_bound():
+    assert F.clip_renormalization_factor(torch.tensor(40.0), 0.8, math.inf).item() == 40.0
+
+
+@pytest.mark.parametrize("lo, hi", [(0.5, 1.0), (1.0, 1.0), (0.1, math.inf), (1, 3)])
+def test_check_gamma_bounds_accepts(lo, hi):
+    F.check_gamma_bounds(lo, hi)
+
+
+@pytest.mark.parametrize(
+    "lo, hi, field",
+    [(0.0, 2.0, "gamma_min"), (-0.5, 2.0, "gamma_min"), (1.2, 2.0, "gamma_min"), (0.5, 0.9, "gamma_max"),
+     (float("nan"), 2.0, "gamma_min"), ("0.5", 2.0, "gamma_min"), (0.5, None, "gamma_max")],
+)  # fmt: skip
+def test_check_gamma_bounds_refuses(lo, hi, field):
+    with pytest.raises(ValueError, match=field):
+        F.check_gamma_bounds(lo, hi)
+
+
+def test_rho_scaled_by_gamma():
+    assert F.rho_scaled_by_gamma(0.2, None).item() == pytest.approx(0.2)  # first step: ρ
+    g_norm, g_asc_norm = torch.tensor(3.0, dtype=torch.float64), torch.tensor(4.0, dtype=torch.float64)
+    gamma, _ = F.renormalization_factor(g_norm, g_asc_norm)
+    assert F.rho_scaled_by_gamma(0.2, gamma).item() == pytest.approx(0.2 * 3 / 4, abs=1e-15)  # ρ·‖g‖/‖g_asc‖

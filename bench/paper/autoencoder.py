@@ -5,6 +5,8 @@ Commands (from the repository root)::
     .venv/bin/python bench/paper/autoencoder.py            # 3 seeds x 5000 steps, ~1-2 minutes
     .venv/bin/python bench/paper/autoencoder.py --quick    # smoke test, seconds
     .venv/bin/python bench/paper/autoencoder.py --full     # 10 seeds
+    .venv/bin/python bench/paper/autoencoder.py --sweep    # rho = 0.08 over the unstated settings, ~3-5 minutes
+    .venv/bin/python bench/paper/autoencoder.py --init-std 1e-4   # N(0, 1e-4) read as a standard deviation
 
 Writes ``autoencoder.csv`` (loss curves), ``autoencoder_escape.csv`` (steps to escape) and
 ``autoencoder.png`` to ``--out`` (default ``outputs/bench/autoencoder/``).
@@ -25,6 +27,14 @@ smaller rho. The averaged loss used here is the usual mean-squared-error scaling
 
 Claims checked: SAM and SAM* need more steps than SGD to escape, more as rho grows (the paper: up to not
 escaping at all); SSAM escapes faster than both.
+
+``--sweep`` looks for the settings where "at rho = 0.08 SAM and SAM* no longer escape" holds. The paper
+gives the init (N(0, 1e-4)), the lr and 500 epochs, but not the loss scaling, the batch size or the data;
+the sweep varies the init std (1e-3, 1e-2, 1e-1; and 1e-4, in case the paper's 1e-4 is a std), a factor
+on the loss (1 = mean over the batch, 10 = sum over a batch of 10) and the batch size (10, or 100 = full
+batch, no sampling noise) with one seed and a 5000-step budget (``--steps``), and writes
+``autoencoder_sweep.csv`` (escape step per optimizer; inf = never). It prints, for the budget and half of
+it, the settings where SGD escapes and SAM and SAM* do not, and among those the ones where SSAM escapes.
 """
 
 from __future__ import annotations
@@ -48,16 +58,41 @@ OPTIMIZERS: dict[str, str] = {"sgd": "SGD", "sam": "SAM* (sam)", "usam": "SAM (u
 RHOS: tuple[float, ...] = (0.02, 0.05, 0.08)
 D, N_SAMPLES, BATCH, LR, INIT_STD = 20, 100, 10, 1e-3, 1e-2
 CHECK_EVERY = 10
+#: --sweep: (init std, loss scale, batch size) at rho = 0.08; loss scale 10 = summing over a batch of 10;
+#: batch 100 = full-batch gradient descent (no sampling noise)
+SWEEP: tuple[tuple[float, float, int], ...] = ((1e-4, 1.0, BATCH),) + tuple(
+    (std, scale, batch)
+    for batch in (BATCH, N_SAMPLES)
+    for scale in (1.0, 5.0, 10.0)
+    for std in (1e-3, 1e-2, 1e-1)
+    if batch == BATCH or std == INIT_STD
+)
+SWEEP_QUICK: tuple[tuple[float, float, int], ...] = ((INIT_STD, 1.0, BATCH), (INIT_STD, 10.0, BATCH))
 
 
-def run(optimizer: str, rho: float, seed: int, steps: int) -> tuple[list[tuple[int, float]], int | None]:
-    """Train one autoencoder; returns the loss curve [(step, full-data loss)] and the escape step (or None)."""
+def run(
+    optimizer: str,
+    rho: float,
+    seed: int,
+    steps: int,
+    *,
+    init_std: float = INIT_STD,
+    loss_scale: float = 1.0,
+    batch_size: int = BATCH,
+    stop_at_escape: bool = False,
+) -> tuple[list[tuple[int, float]], int | None]:
+    """Train one autoencoder; returns the loss curve [(step, full-data loss)] and the escape step (or None).
+
+    ``loss_scale`` multiplies the training loss (10 = summing over a batch of 10 instead of averaging),
+    ``batch_size`` = ``N_SAMPLES`` is full-batch gradient descent (no sampling noise). The loss curve and the
+    escape test use the unscaled full-data loss.
+    """
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(N_SAMPLES, D, generator=gen)
     encoder, decoder = nn.Linear(D, D, bias=False), nn.Linear(D, D, bias=False)
     with torch.no_grad():
-        encoder.weight.copy_(torch.randn(D, D, generator=gen) * INIT_STD)
-        decoder.weight.copy_(torch.randn(D, D, generator=gen) * INIT_STD)
+        encoder.weight.copy_(torch.randn(D, D, generator=gen) * init_std)
+        decoder.weight.copy_(torch.randn(D, D, generator=gen) * init_std)
     params = [encoder.weight, decoder.weight]
     if optimizer == "sgd":
         opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=LR)
@@ -70,7 +105,7 @@ def run(optimizer: str, rho: float, seed: int, steps: int) -> tuple[list[tuple[i
     curve: list[tuple[int, float]] = []
     escaped = None
     initial = None
-    per_epoch = N_SAMPLES // BATCH
+    per_epoch = N_SAMPLES // batch_size
     perm = torch.arange(N_SAMPLES)
     for step in range(steps + 1):
         if step % CHECK_EVERY == 0:
@@ -80,19 +115,19 @@ def run(optimizer: str, rho: float, seed: int, steps: int) -> tuple[list[tuple[i
             curve.append((step, full))
             if escaped is None and full < 0.5 * initial:
                 escaped = step
-        if step == steps:
+        if step == steps or (stop_at_escape and escaped is not None):
             break
         if step % per_epoch == 0:
             perm = torch.randperm(N_SAMPLES, generator=gen)
-        batch = x[perm[(step % per_epoch) * BATCH : (step % per_epoch + 1) * BATCH]]
+        batch = x[perm[(step % per_epoch) * batch_size : (step % per_epoch + 1) * batch_size]]
         if optimizer == "sgd":
             opt.zero_grad()
-            loss_fn(batch).backward()
+            (loss_scale * loss_fn(batch)).backward()
             opt.step()
         else:
-            loss_fn(batch).backward()
+            (loss_scale * loss_fn(batch)).backward()
             opt.first_step(zero_grad=True)  # type: ignore[attr-defined]
-            loss_fn(batch).backward()
+            (loss_scale * loss_fn(batch)).backward()
             opt.second_step(zero_grad=True)  # type: ignore[attr-defined]
     return curve, escaped
 
@@ -132,6 +167,61 @@ def claims(summary: list[dict], steps: int) -> list[str]:
     return lines
 
 
+def sweep(steps: int, seed: int, quick: bool) -> list[dict]:
+    """Escape steps at the largest rho over the settings the paper leaves open (``SWEEP``); one seed."""
+    rho = RHOS[-1]
+    cells = SWEEP_QUICK if quick else SWEEP
+    rows = []
+    for init_std, loss_scale, batch_size in cells:
+        row: dict = {"init_std": init_std, "loss_scale": loss_scale, "batch": batch_size, "rho": rho}
+        for opt in OPTIMIZERS:
+            _, escaped = run(
+                opt,
+                rho,
+                seed,
+                steps,
+                init_std=init_std,
+                loss_scale=loss_scale,
+                batch_size=batch_size,
+                stop_at_escape=True,
+            )
+            row[opt] = float("inf") if escaped is None else float(escaped)
+        rows.append(row)
+        print(
+            f"  init std {init_std:g} loss x{loss_scale:g} batch {batch_size:3d}: "
+            + " ".join(f"{o}={'never' if row[o] == float('inf') else int(row[o])}" for o in OPTIMIZERS),
+            flush=True,
+        )
+    return rows
+
+
+def sweep_claims(rows: list[dict], steps: int) -> list[str]:
+    """Where, in the sweep, SAM and SAM* stop escaping at the largest rho while SGD escapes (and SSAM?)."""
+    lines = []
+    for budget in sorted({steps // 2, steps}):
+        held = [r for r in rows if r["sgd"] <= budget and r["usam"] > budget and r["sam"] > budget]
+        full = [r for r in held if r["ssam"] <= budget]
+
+        def cells(rs: list[dict]) -> str:
+            return "; ".join(f"init {r['init_std']:g}, loss x{r['loss_scale']:g}, batch {r['batch']}" for r in rs)
+
+        lines.append(
+            _common.verdict(
+                bool(held),
+                f"[sweep, {budget} steps] at rho={RHOS[-1]:g} SAM and SAM* no longer escape while SGD does: "
+                f"{len(held)} of {len(rows)} settings ({cells(held) or 'none'})",
+            )
+        )
+        lines.append(
+            _common.verdict(
+                bool(full),
+                f"[sweep, {budget} steps] ... and SSAM still escapes there: {len(full)} of {len(rows)} settings "
+                f"({cells(full) or 'none'})",
+            )
+        )
+    return lines
+
+
 def plot(curves: list[dict], path: Path, seed: int) -> None:
     import matplotlib.pyplot as plt
 
@@ -162,18 +252,38 @@ def main(argv: list[str] | None = None) -> int:
     size.add_argument("--full", action="store_true", help="10 seeds")
     parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3)")
     parser.add_argument("--steps", type=int, default=None, help="step budget (default 5000 = 500 epochs)")
+    parser.add_argument("--init-std", type=float, default=INIT_STD, help=f"std of the initial weights ({INIT_STD})")
+    parser.add_argument("--loss-scale", type=float, default=1.0, help="factor on the training loss (default 1)")
+    parser.add_argument(
+        "--sweep",
+        action="store_true",
+        help="instead: escape steps at the largest rho over init scale, loss scale and batch size",
+    )
     parser.add_argument("--out", type=Path, default=_common.default_out("autoencoder"))
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    if args.sweep:
+        steps = args.steps or (200 if args.quick else 5000)
+        started = time.perf_counter()
+        print(f"sweep at rho={RHOS[-1]:g}, one seed, budget {steps} steps (runs stop at escape)", flush=True)
+        rows = sweep(steps, 0, args.quick)
+        _common.write_csv(args.out / "autoencoder_sweep.csv", rows)
+        print()
+        print(_common.format_table(rows, ["init_std", "loss_scale", "batch", *OPTIMIZERS], ".4g"))
+        print()
+        _common.print_lines(sweep_claims(rows, steps))
+        print(f"\nwrote {args.out / 'autoencoder_sweep.csv'} in {time.perf_counter() - started:.0f}s")
+        return 0
     seeds, steps = (1, 200) if args.quick else (10, 5000) if args.full else (3, 5000)
     seeds, steps = args.seeds or seeds, args.steps or steps
     started = time.perf_counter()
+    print(f"{seeds} seeds x {steps} steps, init std {args.init_std:g}, loss x{args.loss_scale:g}", flush=True)
     curves, summary = [], []
     for opt in OPTIMIZERS:
         for rho in RHOS if opt != "sgd" else (0.0,):
             escapes = []
             for seed in range(seeds):
-                curve, escaped = run(opt, rho, seed, steps)
+                curve, escaped = run(opt, rho, seed, steps, init_std=args.init_std, loss_scale=args.loss_scale)
                 curves += [{"optimizer": opt, "rho": rho, "seed": seed, "step": s, "loss": v} for s, v in curve]
                 escapes.append(float("inf") if escaped is None else float(escaped))
             row = {

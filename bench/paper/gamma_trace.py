@@ -5,6 +5,7 @@ Commands (from the repository root)::
     .venv/bin/python bench/paper/gamma_trace.py            # 3 runs x 40 epochs, ~1-2 minutes
     .venv/bin/python bench/paper/gamma_trace.py --quick    # smoke test, seconds
     .venv/bin/python bench/paper/gamma_trace.py --full     # 200 epochs, as in the paper
+    .venv/bin/python bench/paper/gamma_trace.py --epochs 200 --augment   # + the paper's crop/flip augmentation
 
 Writes ``gamma_trace.csv`` (one row per optimizer step and rho) and ``gamma_trace.png`` to ``--out``
 (default ``outputs/bench/gamma_trace/``).
@@ -15,6 +16,10 @@ digits with ``sam_variant="usam"`` (the paper's SAM), rho in {0.01, 0.05, 0.2}, 
 weight decay 5e-4, passed with ``optimizers=``), lr 0.1 with the Trainer's cosine schedule, batch 128,
 ``logging_steps=1``. gamma is read back from ``trainer.state.log_history`` (key ``sam/gamma``), exactly
 what a user sees in TensorBoard or W&B.
+
+``--augment`` adds the paper's CIFAR augmentation (random crop of the image padded by one pixel, random
+horizontal flip), which keeps the training loss away from zero; ``--lr-scheduler constant`` removes the
+schedule. The CSV carries the learning rate of every step next to gamma.
 
 Claims checked (the paper, Section 4.3.1: "for a fixed rho, gamma tends to decrease throughout training and
 is smaller than 1"): for every rho, gamma < 1 on at least 90% of the steps, and its mean over the last fifth
@@ -56,14 +61,43 @@ class DigitsClassifier(nn.Module):
         return out
 
 
-def run(rho: float, epochs: int, max_steps: int, seed: int, output_dir: str, scheduler: str = "cosine") -> list[dict]:
+class AugmentedDigits(torch.utils.data.Dataset):
+    """The digits with the paper's CIFAR augmentation: a random 8x8 crop of the image padded by 1, random flip."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        padded = nn.functional.pad(self.images[i], (1, 1, 1, 1))
+        dy, dx = torch.randint(0, 3, (2,)).tolist()
+        image = padded[:, dy : dy + 8, dx : dx + 8]
+        if torch.rand(()) < 0.5:
+            image = image.flip(-1)
+        return {"pixel_values": image, "labels": self.labels[i]}
+
+
+def run(
+    rho: float,
+    epochs: int,
+    max_steps: int,
+    seed: int,
+    output_dir: str,
+    scheduler: str = "cosine",
+    augment: bool = False,
+) -> list[dict]:
     """Train once with SSAMTrainer; returns the per-step log rows that carry ``sam/gamma``."""
     from transformers import PrinterCallback
 
     from hf_ssam import SSAMTrainer, SSAMTrainingArguments
 
     images, labels = _common.digits()
-    dataset = [{"pixel_values": images[i], "labels": labels[i]} for i in range(len(labels))]
+    if augment:
+        dataset: Any = AugmentedDigits(images, labels)
+    else:
+        dataset = [{"pixel_values": images[i], "labels": labels[i]} for i in range(len(labels))]
     torch.manual_seed(seed)
     model = DigitsClassifier()
     args = SSAMTrainingArguments(
@@ -92,6 +126,7 @@ def run(rho: float, epochs: int, max_steps: int, seed: int, output_dir: str, sch
             "step": entry["step"],
             "gamma": entry["sam/gamma"],
             "loss": entry.get("loss"),
+            "learning_rate": entry.get("learning_rate"),
             "grad_norm": entry.get("sam/grad_norm"),
             "ascent_grad_norm": entry.get("sam/ascent_grad_norm"),
             "ascent_loss": entry.get("sam/ascent_loss"),
@@ -128,7 +163,7 @@ def claims(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def plot(rows: list[dict[str, Any]], path: Path, steps_per_epoch: int) -> None:
+def plot(rows: list[dict[str, Any]], path: Path, steps_per_epoch: int, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 3.4))
@@ -143,7 +178,7 @@ def plot(rows: list[dict[str, Any]], path: Path, steps_per_epoch: int) -> None:
     ax.axhline(1.0, color="k", lw=0.8, ls=":")
     ax.set_xlabel("epoch")
     ax.set_ylabel("gamma = ||g|| / ||g_asc||")
-    ax.set_title("SSAMTrainer, SAM (usam), small CNN on digits", fontsize=10)
+    ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     _common.savefig(fig, path)
@@ -157,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=None, help="epochs per run (default 40)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lr-scheduler", default="cosine", help="the Trainer's lr_scheduler_type (default cosine)")
+    parser.add_argument(
+        "--augment", action="store_true", help="random crop (padding 1) and flip, as the paper's CIFAR training"
+    )
     parser.add_argument("--out", type=Path, default=_common.default_out("gamma_trace"))
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -167,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for rho in RHOS:
             t0 = time.perf_counter()
-            rows += run(rho, epochs, max_steps, args.seed, tmp, args.lr_scheduler)
+            rows += run(rho, epochs, max_steps, args.seed, tmp, args.lr_scheduler, args.augment)
             gammas = [r["gamma"] for r in rows if r["rho"] == rho]
             print(
                 f"  rho={rho:<5g} {len(gammas)} steps, gamma median {statistics.median(gammas):.3f} "
@@ -175,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
     _common.write_csv(args.out / "gamma_trace.csv", rows)
-    plot(rows, args.out / "gamma_trace.png", steps_per_epoch=-(-1797 // 128))
+    title = f"SSAMTrainer, SAM (usam), CNN on digits, {epochs} epochs, {args.lr_scheduler} lr"
+    plot(rows, args.out / "gamma_trace.png", -(-1797 // 128), title + (", augmented" if args.augment else ""))
     print()
     _common.print_lines(claims(rows))
     print(f"\nwrote {args.out / 'gamma_trace.csv'} and gamma_trace.png in {time.perf_counter() - started:.0f}s")
