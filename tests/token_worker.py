@@ -67,3 +67,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    if dist.is_initialized():  # tear the process group down on every rank before exiting
+        dist.barrier()
+        dist.destroy_process_group()

@@ -35,3 +35,7 @@ checksums = trainer.accelerator.gather(checksum.to(trainer.accelerator.device))
 assert torch.allclose(checksums, checksums[0]), checksums
 if trainer.is_world_process_zero():
     print(f"{args.world_size} process(es), sam_sync_ascent={args.sam_sync_ascent}: replicas identical")
+
+if torch.distributed.is_initialized():  # tear the process group down on every rank before exiting
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
