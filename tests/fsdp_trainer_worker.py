@@ -40,6 +40,8 @@ from hf_ssam import SSAMTrainer, SSAMTrainingArguments  # noqa: E402
 
 N_SAMPLES = 64
 IGNORE = -100.0  # a label the Trainer does not count as an item
+FSDP_OPTIONS = ("fsdp_version", "auto_wrap_policy", "reshard_after_forward", "state_dict_type",
+                "cpu_ram_efficient_loading", "activation_checkpointing")  # fmt: skip
 
 
 def enable_fsdp_on_cpu() -> None:
@@ -149,7 +151,7 @@ def full_weights(model: nn.Module) -> torch.Tensor:
 
 
 def make_args(out: str, spec: dict, **overrides) -> SSAMTrainingArguments:
-    fsdp_config = {"fsdp_version": spec.get("fsdp_version", 2)}
+    fsdp_config = {"fsdp_version": spec.get("fsdp_version", 2), **spec.get("fsdp_config", {})}
     if spec.get("sharded_checkpoint"):
         fsdp_config["fsdp_state_dict_type"] = "SHARDED_STATE_DICT"
     values = dict(
@@ -177,13 +179,20 @@ def build(out: str, spec: dict, **overrides) -> tuple[Counted, list]:
 
 
 def run_train(out: str, spec: dict) -> dict:
-    trainer, seen = build(out, spec)
+    if "accelerate_env" in spec:  # FSDP from an Accelerate config, as `accelerate launch --config_file` sets it up
+        with environment(ACCELERATE_USE_FSDP="true", **spec["accelerate_env"]):
+            return _run_train(out, spec, fsdp=None, fsdp_config=None)
+    return _run_train(out, spec)
+
+
+def _run_train(out: str, spec: dict, **overrides) -> dict:
+    trainer, seen = build(out, spec, **overrides)
     start = full_weights(trainer.model)
     resume = spec.get("resume_at")
     if resume:  # stop at a checkpoint, then resume into a fresh trainer (other initial weights) up to `steps`
-        trainer, seen = build(out, spec, max_steps=resume, save_strategy="steps", save_steps=resume)
+        trainer, seen = build(out, spec, max_steps=resume, save_strategy="steps", save_steps=resume, **overrides)
         trainer.train()
-        trainer, seen = build(out, spec)
+        trainer, seen = build(out, spec, **overrides)
         with torch.no_grad():
             for p in trainer.model.parameters():
                 p.add_(1.0)  # the checkpoint must overwrite these
@@ -209,6 +218,7 @@ def run_train(out: str, spec: dict) -> dict:
         "fsdp_units": sum(isinstance(m, FSDPModule) for m in model.modules()),
         "is_fsdp_enabled": trainer.is_fsdp_enabled,
         "distributed_type": str(trainer.accelerator.state.distributed_type),
+        "fsdp_plugin": {k: str(getattr(trainer.accelerator.state.fsdp_plugin, k)) for k in FSDP_OPTIONS},
         "params_are_dtensors": all(isinstance(p, DTensor) for p in model.parameters()),
         "param_dtype": str(next(model.parameters()).dtype),
         "local_numel": sum(p.to_local().numel() for p in model.parameters()),

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("fsdp_trainer_worker.py")
@@ -29,10 +30,24 @@ BF16_RELATIVE_TOLERANCE = 1e-2
 
 EQUIVALENCE = [{"name": f"eq-{v}-ga{k}", "variant": v, "accumulation": k}
                for v in ("ssam", "sam", "usam", "asam") for k in (1, 2)]  # fmt: skip
+RECIPE = ROOT / "recipes" / "accelerate" / "fsdp2_8gpu.yaml"
+
+
+def _accelerate_env(path: Path) -> dict[str, str]:
+    """The FSDP_* variables `accelerate launch --config_file` sets from a config's `fsdp_config`."""
+    config = yaml.safe_load(path.read_text())["fsdp_config"]
+    return {"FSDP_" + k.removeprefix("fsdp_").upper(): str(v).lower() if isinstance(v, bool) else str(v)
+            for k, v in config.items()}  # fmt: skip
+
+
 EQUIVALENCE += [
     {"name": "eq-tokens-ssam-ga2", "variant": "ssam", "accumulation": 2, "token": True},
     {"name": "eq-interval2-ssam-ga2", "variant": "ssam", "accumulation": 2, "interval": 2},
-]
+    {"name": "eq-recipe-config-ssam-ga2", "variant": "ssam", "accumulation": 2,
+     "accelerate_env": _accelerate_env(RECIPE)},
+    {"name": "eq-activation-checkpointing-ssam-ga2", "variant": "ssam", "accumulation": 2,
+     "fsdp_config": {"activation_checkpointing": True}},
+]  # fmt: skip
 PLAIN = [{"name": f"plain-ga{k}", "variant": "none", "accumulation": k} for k in (1, 2)]
 BF16 = {"name": "bf16-ssam-ga2", "variant": "ssam", "accumulation": 2, "bf16": True}
 RESUME = [
@@ -155,7 +170,7 @@ def global_micro_batches(run: dict, results) -> list[tuple[torch.Tensor, torch.T
 def test_two_sharded_trainer_processes_equal_one_process_on_the_whole_batch(results, run):
     r0, r1 = results(run["name"], 0), results(run["name"], 1)
     assert r0["world_size"] == 2 and r0["distributed_type"] == "DistributedType.FSDP" and r0["is_fsdp_enabled"]
-    assert r0["params_are_dtensors"] and r0["fsdp_units"] == 3  # both Blocks and the root
+    assert r0["params_are_dtensors"] and r0["fsdp_units"] >= 3  # both Blocks and the root (and checkpoint wrappers)
     assert r0["local_numel"] + r1["local_numel"] == r0["weights"].numel()  # each rank holds its shards only
     expected = reference(run, r0["start"], global_micro_batches(run, results))
     for r in (r0, r1):
@@ -238,3 +253,11 @@ def test_accelerate_fsdp_configs_are_checked_at_construction(results):
     assert "sam_sync_ascent=False is not supported" in messages["local_ascent"]
     assert "Set sam_sync_ascent=True" in messages["local_ascent"]
     assert messages["changed_before_train"].startswith("The Accelerate FSDP config (FSDP2) with sam_sync_ascent=False")
+
+
+def test_the_recipe_config_is_the_one_that_ran(results):
+    plugin = results("eq-recipe-config-ssam-ga2")["fsdp_plugin"]
+    assert plugin["fsdp_version"] == "2" and plugin["auto_wrap_policy"] != "None"
+    assert "SHARDED_STATE_DICT" in plugin["state_dict_type"]
+    assert plugin["cpu_ram_efficient_loading"] == "True" and plugin["reshard_after_forward"] == "True"
+    assert results("eq-activation-checkpointing-ssam-ga2")["fsdp_plugin"]["activation_checkpointing"] == "True"
