@@ -33,7 +33,8 @@ class _SAMArgumentsMixin:
             raise ValueError(
                 f"deepspeed={self.deepspeed!r} is not supported with sam_variant={self.sam_variant!r}: DeepSpeed "
                 "steps its engine inside backward(), which breaks the two-pass step. Supported: single process, DDP "
-                "(accelerate launch / torchrun). Use sam_variant='none' to train with DeepSpeed without SAM."
+                "(accelerate launch / torchrun) and FSDP2 (fsdp_config={'fsdp_version': 2}, sam_sync_ascent=True). "
+                "Use sam_variant='none' to train with DeepSpeed without SAM."
             )
         super().__post_init__()
         self.check_sam_settings()
@@ -56,10 +57,11 @@ class _SAMArgumentsMixin:
         if isinstance(self.sam_interval, bool) or not isinstance(self.sam_interval, int) or self.sam_interval < 1:
             raise ValueError(f"sam_interval={self.sam_interval!r} is invalid; it must be an integer >= 1.")
         if self.fsdp and self.sam_variant != NO_SAM:
-            raise ValueError(
-                f"fsdp={self.fsdp!r} is not supported with sam_variant={self.sam_variant!r}: the two-pass step is "
-                "implemented for unsharded parameters. Supported: single process, DDP (accelerate launch / torchrun)."
-            )
+            plugin_args = getattr(self, "fsdp_plugin_args", None)
+            version = None if plugin_args is None else plugin_args.get("fsdp_version")  # None: FSDP on XLA
+            refusal = _fsdp_refusal(f"fsdp={self.fsdp!r}", version, self, fp16=self.fp16)
+            if refusal:
+                raise ValueError(refusal)
 
     @property
     def sam_enabled(self) -> bool:
@@ -104,7 +106,8 @@ class SSAMTrainingArguments(_SAMArgumentsMixin, TrainingArguments):
         sam_sync_ascent (`bool`, *optional*, defaults to `False`):
             With several processes: `False` perturbs each replica with its own local gradient (m-sharpness, no
             communication in the first pass); `True` all-reduces the first-pass gradient so that every replica
-            perturbs with the global-batch gradient (same result as one process with the global batch).
+            perturbs with the global-batch gradient (same result as one process with the global batch). FSDP2
+            requires `True`: its gradients are reduce-scattered, so no process holds a gradient of its own.
         sam_interval (`int`, *optional*, defaults to `1`):
             Run the two-pass step every `sam_interval` optimizer steps and plain single-pass steps in between
             (`1` = every step). Values above 1 trade some of the sharpness regularization for speed.
@@ -148,6 +151,35 @@ class SSAMTrainingArguments(_SAMArgumentsMixin, TrainingArguments):
 
 
 _MADE: dict[type, type] = {TrainingArguments: SSAMTrainingArguments}
+
+
+def _fsdp_refusal(source: str, version: int | None, args: Any, fp16: bool) -> str | None:
+    """Why FSDP cannot run the SAM step with these settings (None when it can: FSDP2 with the synchronized ascent).
+
+    Shared by the argument checks (`fsdp=`) and the trainer's (an Accelerate FSDP config).
+    """
+    variant = f"sam_variant={args.sam_variant!r}"
+    if version is None:
+        return f"{source} on XLA is not supported with {variant}; use FSDP2: fsdp_config={{'fsdp_version': 2}}."
+    if version != 2:
+        return (
+            f"{source} with fsdp_version={version!r} is not supported with {variant}: the SAM step runs on FSDP2's "
+            "DTensor shards only. Use FSDP2: fsdp_config={'fsdp_version': 2} (fsdp_version: 2 in an Accelerate "
+            "config), or sam_variant='none' for plain training."
+        )
+    if not args.sam_sync_ascent:
+        return (
+            f"{source} (FSDP2) with sam_sync_ascent=False is not supported with {variant}: FSDP reduce-scatters "
+            "every gradient, so each process only holds its shard of the gradient averaged over all processes and "
+            "there is no per-replica gradient to perturb with. Set sam_sync_ascent=True (the perturbation from the "
+            "global-batch gradient, the same step as one process on the whole batch)."
+        )
+    if fp16:
+        return (
+            f"{source} (FSDP2) with fp16=True is not supported with {variant}: the fp16 loss scaler is not handled "
+            "on sharded gradients. Use bf16=True."
+        )
+    return None
 
 
 def sam_arguments(args_cls: type[_ArgsT]) -> type[_ArgsT]:

@@ -18,7 +18,7 @@ from torch import nn
 from transformers import Trainer, TrainingArguments
 
 from . import functional as F
-from .arguments import SSAMTrainingArguments, _SAMArgumentsMixin, sam_arguments
+from .arguments import SSAMTrainingArguments, _fsdp_refusal, _SAMArgumentsMixin, sam_arguments
 from .optimizer import SSAMOptimizer
 from .passes import RNGState, batchnorm_modules, freeze_batchnorm_stats, leave_no_trace
 
@@ -73,8 +73,9 @@ class SSAMMixin:
 
     Raises:
         TypeError: at class creation, when `SSAMMixin` comes after a Trainer class in the bases.
-        ValueError: at construction for DeepSpeed, FSDP, online-RL trainers that generate inside the step, an
-            `SSAMOptimizer` passed as the optimizer, and bad `sam_*` settings (also when `train()` starts).
+        ValueError: at construction for DeepSpeed, FSDP other than FSDP2 with `sam_sync_ascent=True` (and bf16 or
+            fp32), online-RL trainers that generate inside the step, an `SSAMOptimizer` passed as the optimizer, and
+            bad `sam_*` settings (also when `train()` starts).
     """
 
     args: SSAMTrainingArguments
@@ -107,13 +108,13 @@ class SSAMMixin:
                 "takes the *base* optimizer, e.g. optimizers=(torch.optim.SGD(model.parameters(), lr=0.1), None); "
                 "set the SAM settings with the sam_* arguments (sam_variant, sam_rho, ...)."
             )
-        if args.sam_enabled and (self.is_deepspeed_enabled or self.is_fsdp_enabled):
-            backend = "DeepSpeed" if self.is_deepspeed_enabled else "FSDP"
+        if args.sam_enabled and self.is_deepspeed_enabled:
             raise ValueError(
-                f"{backend} is not supported with sam_variant={args.sam_variant!r}: the two-pass step needs "
-                "unsharded parameters and a backward() that does not step. Supported: single process and DDP "
-                "(accelerate launch --multi_gpu / torchrun); use sam_variant='none' for plain training."
+                f"DeepSpeed is not supported with sam_variant={args.sam_variant!r}: its engine steps inside "
+                "backward(), which leaves no place for the second pass. Supported: single process, DDP and FSDP2 "
+                "(accelerate launch / torchrun); use sam_variant='none' for plain training."
             )
+        self._check_fsdp()
         self._sam_param_cache: tuple[Any, list[nn.Parameter]] | None = None
         self._sam_bn_cache: tuple[nn.Module, list[nn.Module]] | None = None
         self._sam_backup: list[torch.Tensor] | None = None
@@ -195,6 +196,15 @@ class SSAMMixin:
 
     # -------------------------------------------------------------------------------------- helpers
 
+    def _check_fsdp(self) -> None:
+        """FSDP enabled by an Accelerate config (not by `fsdp=`): the same checks as the arguments'."""
+        if self.args.sam_enabled and self.is_fsdp_enabled:
+            version = getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1)
+            fp16 = self.accelerator.mixed_precision == "fp16"
+            refusal = _fsdp_refusal("The Accelerate FSDP config", version, self.args, fp16=fp16)
+            if refusal:
+                raise ValueError(refusal)
+
     def _trainable_params(self) -> list[nn.Parameter]:
         """The parameters the optimizer updates and that require a gradient, each once (cached)."""
         optimizer = self.optimizer
@@ -251,10 +261,11 @@ class SSAMMixin:
             self.model_accepts_loss_kwargs or self.compute_loss_func is not None
         )
         world = self.accelerator.num_processes // self.get_tp_size() if across else 1  # W
-        if self.args.sam_sync_ascent and _is_ddp(model):
-            # The first pass averages ∇(W·S_r/N) over the processes: g is the gradient of the global micro-batch
-            # mean, Σ_r ∇S_r / Σ_r n_r. Without token averaging each process divides by its own N_r, and
-            # Σ_r N_r / Σ_r n_r is exact when every process's micro-batch holds the same share of its tokens.
+        if self.args.sam_sync_ascent and (_is_ddp(model) or _is_fsdp2(model)):
+            # The first pass averages ∇(W·S_r/N) over the processes (DDP's all-reduce, FSDP's reduce-scatter): g is
+            # the gradient of the global micro-batch mean, Σ_r ∇S_r / Σ_r n_r. Without token averaging each process
+            # divides by its own N_r, and Σ_r N_r / Σ_r n_r is exact when every process's micro-batch holds the same
+            # share of its tokens.
             counts = self.accelerator.reduce(torch.stack([n_i, total]), reduction="sum")
             n_i, total, world = counts[0], (total if across else counts[1]), 1
         factor = total / (n_i * world)  # g = stored · N / (n_i · W)
@@ -275,8 +286,15 @@ class SSAMMixin:
 
     @contextlib.contextmanager
     def _pass_sync_context(self, model: nn.Module) -> Iterator[None]:
-        """DDP gradient sync for one pass: off for a local ascent, forced on for a synchronized one."""
-        if not _is_ddp(model):
+        """DDP gradient sync for one pass: off for a local ascent, forced on for a synchronized one (always, FSDP2)."""
+        if _is_fsdp2(model):  # each pass needs its sharded gradient, between accumulation boundaries too
+            previous = _fsdp2_gradient_sync(model)
+            model.set_requires_gradient_sync(True)
+            try:
+                yield
+            finally:
+                model.set_requires_gradient_sync(previous)
+        elif not _is_ddp(model):
             yield
         elif not self.args.sam_sync_ascent:
             with self.accelerator.no_sync(model):  # forward and backward: DDP decides at forward time
@@ -337,6 +355,7 @@ class SSAMMixin:
     def train(self, *args: Any, **kwargs: Any) -> Any:
         """`Trainer.train`, after checking the SAM settings again and clearing metrics of an earlier run."""
         self.args.check_sam_settings()  # fields set after construction get the construction-time checks
+        self._check_fsdp()
         self._sam_metrics = None  # no metrics of an earlier train() in the first log of this one
         return super().train(*args, **kwargs)
 
@@ -462,6 +481,20 @@ class _PreparedInputs:
 
 def _is_ddp(model: nn.Module) -> bool:
     return isinstance(model, nn.parallel.DistributedDataParallel)
+
+
+def _is_fsdp2(model: nn.Module) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def _fsdp2_gradient_sync(model: nn.Module) -> bool:
+    """The flag `FSDPModule.set_requires_gradient_sync` last set on ``model`` (torch has no getter for it)."""
+    groups = model._get_fsdp_state()._fsdp_param_groups
+    return all(group.reduce_grads for group in groups)
 
 
 def _shallow_copy(inputs: Any) -> Any:

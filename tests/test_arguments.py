@@ -64,7 +64,12 @@ def test_yaml(tmp_path):
         (dict(sam_asam_eta=-1.0), r"sam_asam_eta=-1.0.*>= 0"),
         (dict(sam_interval=0), r"sam_interval=0.*>= 1"),
         (dict(deepspeed={"train_batch_size": 8}), r"deepspeed=.*not supported.*Supported: single process, DDP"),
-        (dict(fsdp="full_shard"), r"fsdp=.*not supported.*Supported: single process, DDP"),
+        (dict(fsdp=True), r"fsdp=True \(FSDP2\) with sam_sync_ascent=False is not supported.*sam_sync_ascent=True"),
+        (
+            dict(fsdp=True, fsdp_config={"fsdp_version": 1}, sam_sync_ascent=True),
+            r"fsdp_version=1 is not supported.*fsdp_config=\{'fsdp_version': 2\}",
+        ),
+        (dict(fsdp=True, sam_sync_ascent=True, fp16=True), r"fp16=True is not supported.*Use bf16=True"),
     ],
 )
 def test_bad_input_raises_value_error_naming_field_value_and_choices(kwargs, match):
@@ -78,6 +83,15 @@ def test_renormalize_false_is_fine_for_other_variants():
 
 def test_deepspeed_and_fsdp_are_allowed_without_sam():
     assert _args(sam_variant="none", fsdp="").sam_enabled is False
+    assert _args(sam_variant="none", fsdp=True, fsdp_config={"fsdp_version": 1}).fsdp_plugin_args["fsdp_version"] == 1
+
+
+def test_fsdp2_is_allowed_with_the_synchronized_ascent_and_rechecked_at_train_time():
+    args = _args(fsdp=True, fsdp_config={"fsdp_version": 2}, sam_sync_ascent=True, bf16=True)
+    assert args.fsdp_plugin_args["fsdp_version"] == 2
+    args.sam_sync_ascent = False  # set after construction: train() runs the same checks
+    with pytest.raises(ValueError, match="sam_sync_ascent=False is not supported"):
+        args.check_sam_settings()
 
 
 def test_promotion_keeps_every_training_argument():
