@@ -190,16 +190,18 @@ def rowwise_sam_direction(
     """
     import torch
 
-    from hf_ssam import functional as F
+    from hf_ssam import functional
 
     g = gradient(x) + noise  # g = ∇F(x)
     grad_norm = torch.linalg.vector_norm(g, dim=1, keepdim=True)  # ‖g‖ per run
     scale = torch.where(
-        normalized, F.perturbation_scale("sam", 1.0, grad_norm), F.perturbation_scale("usam", 1.0, grad_norm)
+        normalized,
+        functional.perturbation_scale("sam", 1.0, grad_norm),
+        functional.perturbation_scale("usam", 1.0, grad_norm),
     )
     scale = scale * rho if rho_factor is None else scale * rho * rho_factor  # e = s·g (ρ·g/‖g‖ or ρ·g)
     ok = torch.isfinite(scale) & torch.isfinite(grad_norm) & (grad_norm > 0)  # else: no perturbation
     g_asc = gradient(x + torch.where(ok, scale * g, 0.0)) + noise  # g_asc = ∇F(x + e), same noise
-    gamma, _ = F.renormalization_factor(grad_norm, torch.linalg.vector_norm(g_asc, dim=1, keepdim=True))
-    applied = gamma if gamma_bounds is None else F.clip_renormalization_factor(gamma, *gamma_bounds)
+    gamma, _ = functional.renormalization_factor(grad_norm, torch.linalg.vector_norm(g_asc, dim=1, keepdim=True))
+    applied = gamma if gamma_bounds is None else functional.clip_renormalization_factor(gamma, *gamma_bounds)
     return torch.where(renormalize, applied * g_asc, g_asc), gamma

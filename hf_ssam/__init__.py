@@ -12,9 +12,9 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from . import functional
-from .functional import VARIANTS
 from .optimizer import SSAMOptimizer
 from .passes import RNGState, freeze_batchnorm_stats
+from .variants import VARIANTS
 
 if TYPE_CHECKING:
     from .arguments import SSAMTrainingArguments, sam_arguments

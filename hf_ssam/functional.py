@@ -27,10 +27,11 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from .variants import VARIANTS
+
 __all__ = [
     "PERTURBATIONS",
-    "VARIANTS",
-    "ascend",
+    "ascend_",
     "check_gamma_bounds",
     "clip_renormalization_factor",
     "global_norm",
@@ -44,12 +45,10 @@ __all__ = [
     "zero_unless_",
 ]
 
-#: The variants and how they perturb: ``sam`` (SAM*, normalized), ``usam`` (SAM, unnormalized),
-#: ``asam`` (adaptive), ``ssam`` (unnormalized perturbation + renormalization).
-VARIANTS: tuple[str, ...] = ("ssam", "sam", "usam", "asam")
-
-#: The perturbation ``d(g, w)`` each variant uses (``ssam`` perturbs like ``usam``).
+#: The perturbation ``d(g, w)`` each variant of `hf_ssam.VARIANTS` uses (``ssam`` perturbs like ``usam``).
 PERTURBATIONS: dict[str, str] = {"ssam": "usam", "sam": "sam", "usam": "usam", "asam": "asam"}
+if set(PERTURBATIONS) != set(VARIANTS):
+    raise ImportError("hf_ssam.functional.PERTURBATIONS must cover exactly hf_ssam.variants.VARIANTS")
 
 
 def uses_renormalization(variant: str, renormalize: bool | None) -> bool:
@@ -177,7 +176,7 @@ def perturbation_scale(
     return rho / _norm(t_g, params, dtype)  # e = ρ·T²g/‖Tg‖
 
 
-def ascend(
+def ascend_(
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
     scale: Tensor,
@@ -261,8 +260,8 @@ def zero_unless_(tensors: Sequence[Tensor], keep: Tensor) -> None:
         torch._foreach_mul_(views, keep.to(device=device, dtype=bits))  # bits·1 = bits, bits·0 = +0.0
 
 
-# Controlling γ (the paper's closing question; experimental). Two ways to keep the descent step in check:
-# bound γ itself, or shrink ρ when the ascent gradient outgrows g.
+# Controlling γ (the paper's closing question; experimental). Two ways to keep the update in check:
+# bound γ itself, or shrink ρ when g_asc outgrows g.
 
 
 def check_gamma_bounds(gamma_min: float, gamma_max: float, *, prefix: str = "") -> None:
@@ -292,8 +291,8 @@ def clip_renormalization_factor(gamma: Tensor, gamma_min: float | Tensor, gamma_
 def rho_scaled_by_gamma(rho: float, previous_gamma: Tensor | None) -> Tensor:
     """``ρ_t = ρ·γ_{t−1}`` with ``γ_{t−1} = ‖g‖/‖g_asc‖`` measured at the previous step (``ρ`` at the first).
 
-    The radius shrinks where the ascent gradient outgrew ``g`` at the last step (sharp region) and grows
-    where it shrank; the descent gradient itself is not rescaled. ``g_asc`` of the current step is not
+    The radius shrinks where ``g_asc`` outgrew ``g`` at the last step (sharp region) and grows
+    where it shrank; ``g_asc`` itself is not rescaled. ``g_asc`` of the current step is not
     known before the climb, hence the previous step's ratio (no extra pass).
     """
     if previous_gamma is None:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
-from . import functional as F
+from . import functional
 from .arguments import SSAMTrainingArguments, _fsdp_refusal, _SAMArgumentsMixin, sam_arguments
 from .optimizer import SSAMOptimizer
 from .passes import RNGState, batchnorm_modules, freeze_batchnorm_stats, leave_no_trace
@@ -145,9 +145,9 @@ class SSAMMixin:
         with torch.no_grad():
             with_grad = [p for p in params if p.grad is not None]
             grads = [p.grad for p in with_grad]
-            grad_norm = F.global_norm(grads)  # ‖g‖ (stored units)
+            grad_norm = functional.global_norm(grads)  # ‖g‖ (stored units)
             grad_unscale = self._grad_unscale(model, inputs, num_items_in_batch, k, grad_norm)  # g = stored · u
-            scale = F.perturbation_scale(
+            scale = functional.perturbation_scale(
                 args.sam_variant,
                 args.sam_rho,
                 grad_norm,
@@ -158,10 +158,10 @@ class SSAMMixin:
             )
             valid = torch.isfinite(scale) & torch.isfinite(grad_norm) & (grad_norm > 0)  # on device: no host sync
             scale = torch.where(valid, scale, torch.zeros_like(scale))  # zero or non-finite ‖g‖: e = 0
-            F.zero_unless_(grads, valid)  # skipped: e = 0 exactly, even where g holds inf/NaN (fp16 overflow)
+            functional.zero_unless_(grads, valid)  # skipped: e = 0 exactly, even where g holds inf/NaN (fp16 overflow)
             backup = self._backup_buffers(with_grad)
-            F.save_(backup, with_grad)  # save w
-            F.ascend(
+            functional.save_(backup, with_grad)  # save w
+            functional.ascend_(
                 with_grad, grads, scale, variant=args.sam_variant, asam_eta=args.sam_asam_eta, overwrite_grads=True
             )  # w + e
             for p in with_grad:
@@ -179,14 +179,14 @@ class SSAMMixin:
             ascent_loss = super().training_step(model, _shallow_copy(inputs), num_items_in_batch)  # g_asc
 
         with torch.no_grad():
-            F.restore_(with_grad, backup)  # w, exactly
+            functional.restore_(with_grad, backup)  # w, exactly
             with_grad = [p for p in params if p.grad is not None]
             ascent_grads = [p.grad for p in with_grad]
-            ascent_grad_norm = F.global_norm(ascent_grads)  # ‖g_asc‖ (stored units)
-            gamma, rescale_skipped = F.renormalization_factor(grad_norm, ascent_grad_norm)
-            renormalize = F.uses_renormalization(args.sam_variant, args.sam_renormalize)
+            ascent_grad_norm = functional.global_norm(ascent_grads)  # ‖g_asc‖ (stored units)
+            gamma, rescale_skipped = functional.renormalization_factor(grad_norm, ascent_grad_norm)
+            renormalize = functional.uses_renormalization(args.sam_variant, args.sam_renormalize)
             if renormalize:
-                F.rescale_(ascent_grads, gamma)  # g_asc ← γ·g_asc
+                functional.rescale_(ascent_grads, gamma)  # g_asc ← γ·g_asc
             _give_back_grads(params, stash)  # + earlier micro-batches
             if not args.sam_sync_ascent and self.accelerator.sync_gradients and _is_ddp(model):
                 self._all_reduce_grads(params)
@@ -395,7 +395,7 @@ def _sam_card_section(args: SSAMTrainingArguments) -> str:
     """The model card's section on the SAM-family step (appended after the Trainer's own card)."""
     if not args.sam_enabled:
         return f"\n{_CARD_HEADING}\n\nTrained with hf_ssam, sam_variant='none' (plain training, no SAM step).\n"
-    renormalize = F.uses_renormalization(args.sam_variant, args.sam_renormalize)
+    renormalize = functional.uses_renormalization(args.sam_variant, args.sam_renormalize)
     return (
         f"\n{_CARD_HEADING}\n\n"
         "Trained with a two-pass sharpness-aware step (hf_ssam) around the optimizer listed above:\n"

@@ -10,10 +10,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import amp
-from . import functional as F
+from . import amp, functional
 from .passes import RNGState
-from .variants import NO_SAM, check_sam_config
+from .variants import NO_SAM, VARIANTS, check_sam_config
 
 __all__ = ["SSAMOptimizer"]
 
@@ -243,28 +242,28 @@ class SSAMOptimizer(torch.optim.Optimizer):
             raise self._no_gradient_error("first_step()", "run loss.backward() before first_step()")
         params = [p for _, ps in groups for p in ps]
         grads = [p.grad for p in params]
-        stored_norm = F.global_norm(grads)  # ‖g‖ in the units of .grad (times the loss scale, if any)
+        stored_norm = functional.global_norm(grads)  # ‖g‖ in the units of .grad (times the loss scale, if any)
         finite = torch.isfinite(stored_norm)
         perturb = finite & (stored_norm > 0)  # a zero or non-finite ‖g‖ skips the perturbation
         scales = []
         for group, _ in groups:  # all scales before any weight moves; ASAM's ‖T·g‖ is global too
             variant = group["variant"]
-            scale = F.perturbation_scale(
+            scale = functional.perturbation_scale(
                 variant, group["rho"], stored_norm, params=params, grads=grads, asam_eta=group["asam_eta"]
             )
-            if inv_scale is not None and F.PERTURBATIONS[variant] == "usam":
+            if inv_scale is not None and functional.PERTURBATIONS[variant] == "usam":
                 scale = scale * inv_scale  # e = ρ·g = ρ·.grad/scale (sam's and asam's scales do not depend on it)
             scales.append(torch.where(perturb & torch.isfinite(scale), scale, 0.0))
         if self._scale_rho_by_gamma:  # ρ_t = ρ·γ_{t−1}
-            factor = F.rho_scaled_by_gamma(1.0, self._previous_gamma).to(stored_norm.device)
+            factor = functional.rho_scaled_by_gamma(1.0, self._previous_gamma).to(stored_norm.device)
             scales = [scale * factor for scale in scales]
-        F.save_([self._backup_buffer(p) for p in params], params)  # w
+        functional.save_([self._backup_buffer(p) for p in params], params)  # w
         if not zero_grad:
             grads = [g.clone() for g in grads]  # .grad stays g
-        F.zero_unless_(grads, perturb)  # skipped: e = 0 exactly, even where .grad holds inf/NaN
+        functional.zero_unless_(grads, perturb)  # skipped: e = 0 exactly, even where .grad holds inf/NaN
         start = 0
         for (group, ps), scale in zip(groups, scales):
-            F.ascend(
+            functional.ascend_(
                 ps,
                 grads[start : start + len(ps)],
                 scale.to(ps[0].device),
@@ -299,7 +298,7 @@ class SSAMOptimizer(torch.optim.Optimizer):
                 "second_step() called before first_step(): call first_step() after the first backward pass."
             )
         self._pending = None
-        F.restore_(pending.params, [self._backup[p] for p in pending.params])  # w, exactly
+        functional.restore_(pending.params, [self._backup[p] for p in pending.params])  # w, exactly
         in_scaler_step = hasattr(self, "found_inf")  # set by GradScaler.step() around this call
         if pending.grad_scaler is not None and not in_scaler_step:
             raise RuntimeError(
@@ -318,17 +317,23 @@ class SSAMOptimizer(torch.optim.Optimizer):
         grads = [g for gs in grads_per_group for g in gs]
         grad_scale = getattr(self, "grad_scale", None)  # None when grad_scaler.unscale_(optimizer) ran already
         if grad_scale is not None:
-            F.rescale_(grads, grad_scale.double().reciprocal().float())  # g_asc = .grad / scale, as unscale_ does
-        ascent_grad_norm = F.global_norm(grads)  # ‖g_asc‖
-        gamma, rescale_skipped = F.renormalization_factor(pending.grad_norm, ascent_grad_norm)  # γ = ‖g‖/‖g_asc‖
+            functional.rescale_(
+                grads, grad_scale.double().reciprocal().float()
+            )  # g_asc = .grad / scale, as unscale_ does
+        ascent_grad_norm = functional.global_norm(grads)  # ‖g_asc‖
+        gamma, rescale_skipped = functional.renormalization_factor(
+            pending.grad_norm, ascent_grad_norm
+        )  # γ = ‖g‖/‖g_asc‖
         if self._scale_rho_by_gamma:
             self._previous_gamma = gamma
-        applied = gamma if self._gamma_bounds is None else F.clip_renormalization_factor(gamma, *self._gamma_bounds)
+        applied = (
+            gamma if self._gamma_bounds is None else functional.clip_renormalization_factor(gamma, *self._gamma_bounds)
+        )
         skipped = pending.perturb_skipped
         for (group, _), group_grads in zip(groups, grads_per_group):
-            if F.uses_renormalization(group["variant"], group["renormalize"]):
+            if functional.uses_renormalization(group["variant"], group["renormalize"]):
                 skipped = pending.perturb_skipped | rescale_skipped
-                F.rescale_(group_grads, applied)  # g_asc ← γ·g_asc (γ clipped to [γ_min, γ_max] if bounded)
+                functional.rescale_(group_grads, applied)  # g_asc ← γ·g_asc (γ clipped to [γ_min, γ_max] if bounded)
         if self.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_([p for _, ps in groups for p in ps], self.max_grad_norm)  # the final g
         if in_scaler_step:
@@ -414,7 +419,7 @@ def _sam_settings(variant: str, rho: float, renormalize: bool | None, asam_eta: 
     check_sam_config(variant, rho, renormalize, asam_eta, prefix="")
     if variant == NO_SAM:
         raise ValueError(
-            f"variant={variant!r} is not supported by SSAMOptimizer; choose one of {list(F.VARIANTS)} "
+            f"variant={variant!r} is not supported by SSAMOptimizer; choose one of {list(VARIANTS)} "
             "(use the base optimizer itself for plain training)."
         )
     return dict(variant=variant, rho=rho, renormalize=renormalize, asam_eta=asam_eta)
@@ -437,8 +442,8 @@ def _check_gamma_control(
     if gamma_bounds is not None:
         if not isinstance(gamma_bounds, (tuple, list)) or len(gamma_bounds) != 2:
             raise ValueError(f"gamma_bounds={gamma_bounds!r} is invalid; give a pair (gamma_min, gamma_max) or None.")
-        F.check_gamma_bounds(gamma_bounds[0], gamma_bounds[1], prefix="gamma_bounds: ")
-        if not F.uses_renormalization(variant, renormalize):
+        functional.check_gamma_bounds(gamma_bounds[0], gamma_bounds[1], prefix="gamma_bounds: ")
+        if not functional.uses_renormalization(variant, renormalize):
             raise ValueError(
                 f"gamma_bounds={tuple(gamma_bounds)!r} needs renormalization, which variant={variant!r} with "
                 f"renormalize={renormalize!r} does not use; use variant='ssam' or renormalize=True."

@@ -1,13 +1,16 @@
-"""The accepted `sam_variant` values and the checks shared by the arguments and the optimizer.
+"""The names of the variants and the checks shared by the arguments and the optimizer: their one home.
 
-Kept apart from `arguments` so that `SSAMOptimizer` (plain PyTorch loops) needs no `transformers` import.
+Kept apart from `arguments` so that `SSAMOptimizer` (plain PyTorch loops) needs no `transformers` import, and
+free of `torch`, so that `functional` can take the names from here.
 """
 
 from __future__ import annotations
 
-from .functional import VARIANTS
+__all__ = ["NO_SAM", "VARIANTS", "VARIANT_CHOICES", "check_sam_config"]
 
-__all__ = ["NO_SAM", "VARIANT_CHOICES", "check_sam_config"]
+#: The SAM-family variants: ``sam`` (SAM*, normalized), ``usam`` (SAM, unnormalized), ``asam`` (adaptive),
+#: ``ssam`` (unnormalized perturbation + renormalization).
+VARIANTS: tuple[str, ...] = ("ssam", "sam", "usam", "asam")
 
 #: ``sam_variant`` value for plain single-pass training (for A/B runs from one script).
 NO_SAM = "none"

@@ -36,8 +36,7 @@ from torch.distributed.tensor.debug import CommDebugMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's hf_ssam
 
-from hf_ssam import SSAMOptimizer  # noqa: E402
-from hf_ssam import functional as F  # noqa: E402
+from hf_ssam import VARIANTS, SSAMOptimizer, functional  # noqa: E402
 
 BATCH = 8  # global batch; each of the 2 ranks takes half
 OPTIMIZERS: dict[str, tuple[type[torch.optim.Optimizer], dict]] = {
@@ -213,30 +212,30 @@ def run_norms(spec: dict) -> dict:
     comms: dict[str, int] = {}
     norms = {}
     for name in names:
-        counted(comms, lambda name=name: norms.__setitem__(name, F.global_norm([dt[name]])))
-    counted(comms, lambda: norms.__setitem__("all", F.global_norm([dt[n] for n in names] + [full["plain"]])))
+        counted(comms, lambda name=name: norms.__setitem__(name, functional.global_norm([dt[name]])))
+    counted(comms, lambda: norms.__setitem__("all", functional.global_norm([dt[n] for n in names] + [full["plain"]])))
     try:
-        F.global_norm([DTensor.from_local(full["rep"], mesh, [Partial()])])
+        functional.global_norm([DTensor.from_local(full["rep"], mesh, [Partial()])])
         partial_error = ""
     except ValueError as err:
         partial_error = str(err)
 
     # the elementwise maths on shards equals the same maths on the full tensors
     ascended = {}
-    for variant in F.VARIANTS:
+    for variant in VARIANTS:
         params = [distribute_tensor(full[n], mesh, [Shard(0)]) for n in ("rows", "one")]
         grads = [distribute_tensor(full[n].flip(0) * 0.5, mesh, [Shard(0)]) for n in ("rows", "one")]
         plain_p = [full[n].clone() for n in ("rows", "one")]
         plain_g = [full[n].flip(0) * 0.5 for n in ("rows", "one")]
         backup = [torch.empty_like(p) for p in params]
-        F.save_(backup, params)
+        functional.save_(backup, params)
         for ps, gs in ((params, grads), (plain_p, plain_g)):
-            s = F.perturbation_scale(variant, 0.3, F.global_norm(gs), params=ps, grads=gs)
-            F.ascend(ps, gs, s, variant=variant)
+            s = functional.perturbation_scale(variant, 0.3, functional.global_norm(gs), params=ps, grads=gs)
+            functional.ascend_(ps, gs, s, variant=variant)
         err = max((p.full_tensor() - q).abs().max().item() for p, q in zip(params, plain_p))
-        F.restore_(params, backup)
+        functional.restore_(params, backup)
         restored = all(torch.equal(p.full_tensor(), full[n]) for p, n in zip(params, ("rows", "one")))
-        F.rescale_(grads, torch.tensor(0.5, dtype=torch.float64))
+        functional.rescale_(grads, torch.tensor(0.5, dtype=torch.float64))
         rescaled = all(torch.equal(g.full_tensor(), full[n].flip(0) * 0.25) for g, n in zip(grads, ("rows", "one")))
         ascended[variant] = {"max_err": err, "restored": restored, "rescaled": rescaled}
     return {"full": full, "norms": {k: v.item() for k, v in norms.items()}, "comms": comms,

@@ -7,7 +7,7 @@ import pytest
 import torch
 from _reference import ETA, perturbation
 
-from hf_ssam import functional as F
+from hf_ssam import VARIANTS, functional
 
 
 def _tensors(seed=0):
@@ -24,20 +24,20 @@ def _flat(ts):
 def test_global_norm_is_the_norm_of_the_concatenation():
     _, grads = _tensors()
     expected = math.sqrt(sum(float((t**2).sum()) for t in grads))
-    assert F.global_norm(grads).item() == pytest.approx(expected, abs=1e-12)
-    assert F.global_norm(grads).dtype == torch.float64
-    assert F.global_norm([]).item() == 0.0
+    assert functional.global_norm(grads).item() == pytest.approx(expected, abs=1e-12)
+    assert functional.global_norm(grads).dtype == torch.float64
+    assert functional.global_norm([]).item() == 0.0
 
 
-@pytest.mark.parametrize("variant", F.VARIANTS)
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("rho", [0.0, 0.05, 0.7])
 def test_ascend_adds_the_variant_perturbation(variant, rho):
     params, grads = _tensors()
     w = _flat(params)
     g = _flat(grads)
-    norm = F.global_norm(grads)
-    scale = F.perturbation_scale(variant, rho, norm, params=params, grads=grads, asam_eta=ETA)
-    F.ascend(params, grads, scale, variant=variant, asam_eta=ETA)
+    norm = functional.global_norm(grads)
+    scale = functional.perturbation_scale(variant, rho, norm, params=params, grads=grads, asam_eta=ETA)
+    functional.ascend_(params, grads, scale, variant=variant, asam_eta=ETA)
     np.testing.assert_allclose(_flat(params), w + perturbation(variant, w, g, rho), rtol=0, atol=1e-12)
 
 
@@ -45,8 +45,8 @@ def test_usam_perturbation_undoes_a_constant_gradient_factor():
     params, grads = _tensors()
     w, g = _flat(params), _flat(grads)
     scaled = [t * 1024.0 for t in grads]  # e.g. an fp16 loss scale
-    scale = F.perturbation_scale("usam", 0.1, F.global_norm(scaled), grad_unscale=1 / 1024.0)
-    F.ascend(params, scaled, scale, variant="usam")
+    scale = functional.perturbation_scale("usam", 0.1, functional.global_norm(scaled), grad_unscale=1 / 1024.0)
+    functional.ascend_(params, scaled, scale, variant="usam")
     np.testing.assert_allclose(_flat(params), w + 0.1 * g, atol=1e-12)
 
 
@@ -57,8 +57,8 @@ def test_normalized_perturbations_are_scale_invariant(variant):
     b = [p.clone() for p in params]
     scaled = [t * 512.0 for t in grads]
     for ps, gs in ((a, grads), (b, scaled)):
-        s = F.perturbation_scale(variant, 0.3, F.global_norm(gs), params=ps, grads=gs)
-        F.ascend(ps, gs, s, variant=variant)
+        s = functional.perturbation_scale(variant, 0.3, functional.global_norm(gs), params=ps, grads=gs)
+        functional.ascend_(ps, gs, s, variant=variant)
     np.testing.assert_allclose(_flat(a), _flat(b), atol=1e-12)
 
 
@@ -67,7 +67,7 @@ def test_restore_is_an_exact_copy_not_a_subtraction():
     saved = [params[0].clone()]
     e = [torch.randn(1000, dtype=torch.bfloat16) * 0.37]
     torch._foreach_add_(params, e)
-    F.restore_(params, saved)
+    functional.restore_(params, saved)
     assert torch.equal(params[0], saved[0])
     # the subtraction really is inexact in bf16, so this test would catch it
     assert not torch.equal((saved[0] + e[0]) - e[0], saved[0])
@@ -75,17 +75,19 @@ def test_restore_is_an_exact_copy_not_a_subtraction():
 
 def test_renormalization_factor_and_rescale():
     _, grads = _tensors()
-    gamma, skipped = F.renormalization_factor(torch.tensor(2.0, dtype=torch.float64), F.global_norm(grads))
+    gamma, skipped = functional.renormalization_factor(
+        torch.tensor(2.0, dtype=torch.float64), functional.global_norm(grads)
+    )
     assert not skipped
-    F.rescale_(grads, gamma)
-    assert F.global_norm(grads).item() == pytest.approx(2.0, abs=1e-12)  # ‖γ·g_asc‖ = ‖g‖
+    functional.rescale_(grads, gamma)
+    assert functional.global_norm(grads).item() == pytest.approx(2.0, abs=1e-12)  # ‖γ·g_asc‖ = ‖g‖
 
 
 @pytest.mark.parametrize(
     "g, g_asc", [(1.0, 0.0), (0.0, 1.0), (float("inf"), 1.0), (1.0, float("nan")), (float("nan"), 2.0)]
 )
 def test_renormalization_factor_skips_zero_and_non_finite_norms(g, g_asc):
-    gamma, skipped = F.renormalization_factor(torch.tensor(g), torch.tensor(g_asc))
+    gamma, skipped = functional.renormalization_factor(torch.tensor(g), torch.tensor(g_asc))
     assert gamma.item() == 1.0 and bool(skipped)
 
 
@@ -94,7 +96,7 @@ def test_renormalization_factor_skips_zero_and_non_finite_norms(g, g_asc):
     [("ssam", None, True), ("sam", None, False), ("usam", None, False), ("asam", True, True), ("sam", True, True)],
 )
 def test_uses_renormalization(variant, renormalize, expected):
-    assert F.uses_renormalization(variant, renormalize) is expected
+    assert functional.uses_renormalization(variant, renormalize) is expected
 
 
 # --- DTensor (FSDP2) parameters and gradients, on a one-process gloo group -------------------------------
@@ -133,12 +135,12 @@ def _placements():
 @pytest.mark.parametrize("placement", _placements(), ids=str)
 def test_global_norm_of_dtensors_is_a_plain_scalar_equal_to_the_hand_norm(mesh, placement):
     _, grads = _tensors()
-    norm = F.global_norm(_distribute(grads, mesh, placement))
+    norm = functional.global_norm(_distribute(grads, mesh, placement))
     assert type(norm) is torch.Tensor and norm.dtype == torch.float64
     assert norm.item() == pytest.approx(math.sqrt(sum(float((t**2).sum()) for t in grads)), abs=1e-12)
 
 
-@pytest.mark.parametrize("variant", F.VARIANTS)
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_ascend_save_restore_on_dtensors_match_the_hand_computation(mesh, variant):
     from torch.distributed.tensor import DTensor, Shard
     from torch.distributed.tensor.debug import CommDebugMode
@@ -150,12 +152,14 @@ def test_ascend_save_restore_on_dtensors_match_the_hand_computation(mesh, varian
     assert all(isinstance(b, DTensor) for b in backup)  # the backup is sharded like the weights
     comms = CommDebugMode()
     with comms:
-        F.save_(backup, params)
-        scale = F.perturbation_scale(variant, 0.3, F.global_norm(grads), params=params, grads=grads, asam_eta=ETA)
-        F.ascend(params, grads, scale, variant=variant, asam_eta=ETA)
+        functional.save_(backup, params)
+        scale = functional.perturbation_scale(
+            variant, 0.3, functional.global_norm(grads), params=params, grads=grads, asam_eta=ETA
+        )
+        functional.ascend_(params, grads, scale, variant=variant, asam_eta=ETA)
         climbed = _full(params)
-        F.restore_(params, backup)
-        F.rescale_(grads, torch.tensor(0.5, dtype=torch.float64))
+        functional.restore_(params, backup)
+        functional.rescale_(grads, torch.tensor(0.5, dtype=torch.float64))
     np.testing.assert_allclose(climbed, w + perturbation(variant, w, g, 0.3), rtol=0, atol=1e-12)
     np.testing.assert_array_equal(_full(params), w)  # restored exactly
     np.testing.assert_allclose(_full(grads), 0.5 * g, rtol=0, atol=1e-15)
@@ -167,15 +171,15 @@ def test_a_partial_dtensor_is_refused_by_global_norm(mesh):
     from torch.distributed.tensor import DTensor, Partial
 
     with pytest.raises(ValueError, match="Partial"):
-        F.global_norm([DTensor.from_local(torch.ones(3), mesh, [Partial()])])
+        functional.global_norm([DTensor.from_local(torch.ones(3), mesh, [Partial()])])
 
 
 def test_save_copies_into_the_backup():
     params, _ = _tensors()
     backup = [torch.empty_like(p) for p in params]
-    F.save_(backup, params)
+    functional.save_(backup, params)
     assert all(torch.equal(b, p) and b.data_ptr() != p.data_ptr() for b, p in zip(backup, params))
-    F.save_([], [])  # nothing to save: no error
+    functional.save_([], [])  # nothing to save: no error
 
 
 def test_plain_tensors_never_reach_the_collectives(monkeypatch):
@@ -186,9 +190,9 @@ def test_plain_tensors_never_reach_the_collectives(monkeypatch):
 
     monkeypatch.setattr(dist, "all_reduce", refuse)
     params, grads = _tensors()
-    for variant in F.VARIANTS:
-        scale = F.perturbation_scale(variant, 0.3, F.global_norm(grads), params=params, grads=grads)
-        F.ascend(params, grads, scale, variant=variant)
+    for variant in VARIANTS:
+        scale = functional.perturbation_scale(variant, 0.3, functional.global_norm(grads), params=params, grads=grads)
+        functional.ascend_(params, grads, scale, variant=variant)
 
 
 class _Elsewhere:
@@ -219,7 +223,7 @@ def test_norms_on_several_devices_are_moved_to_the_first_before_stacking(monkeyp
         return [first, _Elsewhere(second, "cuda:1")]
 
     monkeypatch.setattr(torch, "_foreach_norm", split_norms)
-    assert F.global_norm(tensors).item() == pytest.approx(5.0)  # ‖(3, 4)‖ = 5, reduced on one device
+    assert functional.global_norm(tensors).item() == pytest.approx(5.0)  # ‖(3, 4)‖ = 5, reduced on one device
 
 
 def test_scalars_are_taken_to_each_tensors_device(monkeypatch):
@@ -238,17 +242,17 @@ def test_scalars_are_taken_to_each_tensors_device(monkeypatch):
 
 @pytest.mark.parametrize("gamma, lo, hi, expected", [(0.3, 0.5, 2.0, 0.5), (0.7, 0.5, 2.0, 0.7), (3.0, 0.5, 2.0, 2.0)])
 def test_clip_renormalization_factor(gamma, lo, hi, expected):
-    out = F.clip_renormalization_factor(torch.tensor(gamma, dtype=torch.float64), lo, hi)
+    out = functional.clip_renormalization_factor(torch.tensor(gamma, dtype=torch.float64), lo, hi)
     assert out.item() == expected and out.dtype == torch.float64
 
 
 def test_clip_renormalization_factor_open_upper_bound():
-    assert F.clip_renormalization_factor(torch.tensor(40.0), 0.8, math.inf).item() == 40.0
+    assert functional.clip_renormalization_factor(torch.tensor(40.0), 0.8, math.inf).item() == 40.0
 
 
 @pytest.mark.parametrize("lo, hi", [(0.5, 1.0), (1.0, 1.0), (0.1, math.inf), (1, 3)])
 def test_check_gamma_bounds_accepts(lo, hi):
-    F.check_gamma_bounds(lo, hi)
+    functional.check_gamma_bounds(lo, hi)
 
 
 @pytest.mark.parametrize(
@@ -258,11 +262,11 @@ def test_check_gamma_bounds_accepts(lo, hi):
 )  # fmt: skip
 def test_check_gamma_bounds_refuses(lo, hi, field):
     with pytest.raises(ValueError, match=field):
-        F.check_gamma_bounds(lo, hi)
+        functional.check_gamma_bounds(lo, hi)
 
 
 def test_rho_scaled_by_gamma():
-    assert F.rho_scaled_by_gamma(0.2, None).item() == pytest.approx(0.2)  # first step: ρ
+    assert functional.rho_scaled_by_gamma(0.2, None).item() == pytest.approx(0.2)  # first step: ρ
     g_norm, g_asc_norm = torch.tensor(3.0, dtype=torch.float64), torch.tensor(4.0, dtype=torch.float64)
-    gamma, _ = F.renormalization_factor(g_norm, g_asc_norm)
-    assert F.rho_scaled_by_gamma(0.2, gamma).item() == pytest.approx(0.2 * 3 / 4, abs=1e-15)  # ρ·‖g‖/‖g_asc‖
+    gamma, _ = functional.renormalization_factor(g_norm, g_asc_norm)
+    assert functional.rho_scaled_by_gamma(0.2, gamma).item() == pytest.approx(0.2 * 3 / 4, abs=1e-15)  # ρ·‖g‖/‖g_asc‖

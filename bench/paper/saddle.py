@@ -46,8 +46,10 @@ from collections.abc import Callable  # noqa: E402
 import _common  # noqa: E402  (before torch: pins the offline, single-threaded environment)
 import torch  # noqa: E402
 
-from hf_ssam import SSAMOptimizer  # noqa: E402
-from hf_ssam import functional as F  # noqa: E402
+from hf_ssam import (
+    SSAMOptimizer,  # noqa: E402
+    functional,  # noqa: E402
+)
 
 OPTIMIZERS: dict[str, str] = {"sgd": "SGD", "sam": "SAM* (sam)", "usam": "SAM (usam)", "ssam": "SSAM (ssam)"}
 RHOS: tuple[float, ...] = (0.05, 0.2, 0.4)
@@ -85,7 +87,7 @@ def run_rows(
     max_steps = int(budgets[0]) if len(budgets) else 0
     # active[t] = number of rows whose budget exceeds t
     active = torch.searchsorted(-budgets.double(), -torch.arange(max_steps, dtype=torch.float64), right=False)
-    renormalize = variant != "sgd" and F.uses_renormalization(variant, None)
+    renormalize = variant != "sgd" and functional.uses_renormalization(variant, None)
     for t in range(max_steps):
         n = int(active[t])
         xa = x[:n]
@@ -95,13 +97,13 @@ def run_rows(
             d = g
         else:
             grad_norm = torch.linalg.vector_norm(g, dim=1, keepdim=True)  # ||g|| per run
-            scale = F.perturbation_scale(variant, rho, grad_norm)  # e = scale * g
+            scale = functional.perturbation_scale(variant, rho, grad_norm)  # e = scale * g
             ok = torch.isfinite(scale) & torch.isfinite(grad_norm) & (grad_norm > 0)  # else: no perturbation
             e = torch.where(ok, scale * g, 0.0)
             d = gradient(xa + e) + xi  # g_asc = grad F(x + e), same noise (same mini-batch)
             if renormalize:
                 ascent_norm = torch.linalg.vector_norm(d, dim=1, keepdim=True)
-                gamma, _ = F.renormalization_factor(grad_norm, ascent_norm)  # gamma = ||g|| / ||g_asc||
+                gamma, _ = functional.renormalization_factor(grad_norm, ascent_norm)  # gamma = ||g|| / ||g_asc||
                 d = d * gamma
         x[:n] = xa - lr[:n] * d  # the SGD base step
         if trace is not None:

@@ -16,11 +16,12 @@ __all__ = ["bookkeeping_seconds"]
 def bookkeeping_seconds(model: nn.Module, batch: dict[str, torch.Tensor], repeats: int) -> dict[str, float]:
     """Median time of the SSAM bookkeeping on the model's real parameters and gradients.
 
-    ``functional``: the ``hf_ssam.functional`` calls in SSAMTrainer's order (plus its one host sync and the
-    gradient zeroing between the passes). ``inplace``: the same maths as ``loop:ssam`` writes it (perturbation
-    in the gradient buffers, gradients dropped rather than zeroed) — the floor for this memory traffic.
+    ``functional``: the ``hf_ssam.functional`` calls in SSAMTrainer's order (device-side skip mask, no host
+    sync, and the gradient zeroing between the passes). ``inplace``: the same maths as ``loop:ssam`` writes it
+    (perturbation in the gradient buffers, gradients dropped rather than zeroed) — the floor for this memory
+    traffic.
     """
-    from hf_ssam import functional as F
+    from hf_ssam import functional as sam_maths
 
     model.train()
     model.zero_grad(set_to_none=True)
@@ -31,23 +32,24 @@ def bookkeeping_seconds(model: nn.Module, batch: dict[str, torch.Tensor], repeat
 
     @torch.no_grad()
     def functional() -> None:
-        grad_norm = F.global_norm(grads)
-        scale = F.perturbation_scale("ssam", RHO, grad_norm, params=params, grads=grads)
-        bool(torch.isfinite(scale) & (grad_norm > 0) & torch.isfinite(grad_norm))
-        torch._foreach_copy_(backup, params)
-        F.ascend(params, grads, scale, variant="ssam", overwrite_grads=True)  # as SSAMTrainer calls it
+        grad_norm = sam_maths.global_norm(grads)
+        scale = sam_maths.perturbation_scale("ssam", RHO, grad_norm, params=params, grads=grads)
+        valid = torch.isfinite(scale) & torch.isfinite(grad_norm) & (grad_norm > 0)  # as SSAMTrainer: on device
+        scale = torch.where(valid, scale, torch.zeros_like(scale))
+        sam_maths.zero_unless_(grads, valid)
+        sam_maths.save_(backup, params)
+        sam_maths.ascend_(params, grads, scale, variant="ssam", overwrite_grads=True)  # as SSAMTrainer calls it
         torch._foreach_zero_(grads)
-        F.restore_(params, backup)
-        ascent_norm = F.global_norm(grads)
-        gamma, _ = F.renormalization_factor(grad_norm, ascent_norm)
-        F.rescale_(grads, gamma)
+        sam_maths.restore_(params, backup)
+        ascent_norm = sam_maths.global_norm(grads)
+        gamma, _ = sam_maths.renormalization_factor(grad_norm, ascent_norm)
+        sam_maths.rescale_(grads, gamma)
 
     saved = [g.clone() for g in grads]
 
     @torch.no_grad()
     def inplace() -> None:
         gnorm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-        bool(torch.isfinite(gnorm) & (gnorm > 0))
         torch._foreach_copy_(backup, params)
         torch._foreach_mul_(grads, RHO)
         torch._foreach_add_(params, grads)

@@ -5,8 +5,7 @@ import copy
 import torch
 from torch import nn
 
-from hf_ssam import SSAMOptimizer
-from hf_ssam import functional as F
+from hf_ssam import SSAMOptimizer, functional
 
 torch.manual_seed(0)
 x, y = torch.randn(32, 8), torch.randn(32, 1)
@@ -26,17 +25,17 @@ def backward(net: nn.Module) -> torch.Tensor:
 params = list(model.parameters())
 backward(model)
 g = [p.grad.clone() for p in params]  # 1. g = ∇F(w)
-grad_norm = F.global_norm(g)  # ‖g‖
-scale = F.perturbation_scale("ssam", rho, grad_norm)  # 2. e = ρ·g
+grad_norm = functional.global_norm(g)  # ‖g‖
+scale = functional.perturbation_scale("ssam", rho, grad_norm)  # 2. e = ρ·g
 saved = [p.detach().clone() for p in params]
 with torch.no_grad():
-    F.ascend(params, g, scale, variant="ssam")  # 3. w_asc = w + e
+    functional.ascend_(params, g, scale, variant="ssam")  # 3. w_asc = w + e
 backward(model)  # 4. g_asc = ∇F(w_asc)
 g_asc = [p.grad for p in params]
 with torch.no_grad():
-    F.restore_(params, saved)  # 5. restore w exactly
-    gamma, skipped = F.renormalization_factor(grad_norm, F.global_norm(g_asc))  # γ = ‖g‖/‖g_asc‖
-    F.rescale_(g_asc, gamma)  # 6. g_asc ← γ·g_asc
+    functional.restore_(params, saved)  # 5. restore w exactly
+    gamma, skipped = functional.renormalization_factor(grad_norm, functional.global_norm(g_asc))  # γ = ‖g‖/‖g_asc‖
+    functional.rescale_(g_asc, gamma)  # 6. g_asc ← γ·g_asc
     for p in params:  # 7. base optimizer: plain SGD
         p -= lr * p.grad
 
