@@ -114,6 +114,12 @@ class SSAMTrainingArguments(_SAMArgumentsMixin, TrainingArguments):
         sam_replay_rng (`bool`, *optional*, defaults to `True`):
             Replay the random number generators in the second pass so that both passes see the same dropout masks
             (both gradients then come from the same function).
+
+    Raises:
+        ValueError: when built (and again when training starts, for values set afterwards), naming the field, the
+            value and what is allowed: a `sam_variant` outside the choices; `sam_rho` or `sam_asam_eta` not a finite
+            number >= 0 (booleans refused); `sam_renormalize` other than None/True/False, or False with `"ssam"`;
+            `sam_interval` not an integer >= 1; DeepSpeed; FSDP other than FSDP2 with `sam_sync_ascent=True`.
     """
 
     sam_variant: str = field(
@@ -193,6 +199,9 @@ def sam_arguments(args_cls: type[_ArgsT]) -> type[_ArgsT]:
 
     The result is a dataclass subclass of `args_cls`, parseable by `HfArgumentParser`; the same input class always
     gives the same class, named `"SSAM" + args_cls.__name__`. A class that already has the fields is returned as is.
+
+    Raises:
+        TypeError: `args_cls` is not a `TrainingArguments` subclass.
     """
     if not (isinstance(args_cls, type) and issubclass(args_cls, TrainingArguments)):
         raise TypeError(f"sam_arguments() takes a TrainingArguments subclass, got {args_cls!r}.")

@@ -18,6 +18,11 @@ class SSAMTrainer(SSAMMixin, Trainer):
     `TrainingArguments` is promoted with the SAM fields at their defaults (`sam_variant="ssam"`,
     `sam_rho=0.05`). For a Trainer subclass (TRL's `SFTTrainer`, `Seq2SeqTrainer`, ...) compose
     `class MyTrainer(SSAMMixin, SFTTrainer)` instead. See `SSAMMixin` for the step.
+
+    Raises:
+        ValueError: as `SSAMMixin`: DeepSpeed, FSDP other than FSDP2 with `sam_sync_ascent=True`, an
+            `SSAMOptimizer` passed as the optimizer, bad `sam_*` settings (at construction and when `train()`
+            starts).
     """
 
     def __init__(self, model: nn.Module | None = None, args: TrainingArguments | None = None, *posargs, **kwargs):
