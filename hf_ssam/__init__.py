@@ -18,7 +18,8 @@ from .variants import VARIANTS
 
 if TYPE_CHECKING:
     from .arguments import SSAMTrainingArguments, sam_arguments
-    from .mixin import METRIC_NAMES, SSAMMixin
+    from .mixin import SSAMMixin
+    from .reporting import METRIC_NAMES
     from .trainer import SSAMTrainer
 
 __version__ = "0.1.0"
@@ -39,7 +40,7 @@ __all__ = [
 ]
 
 _LAZY = {
-    "METRIC_NAMES": ".mixin",
+    "METRIC_NAMES": ".reporting",
     "SSAMMixin": ".mixin",
     "SSAMTrainer": ".trainer",
     "SSAMTrainingArguments": ".arguments",

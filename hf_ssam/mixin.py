@@ -20,20 +20,10 @@ from transformers import Trainer, TrainingArguments
 from . import functional
 from .arguments import SSAMTrainingArguments, _fsdp_refusal, _SAMArgumentsMixin, sam_arguments
 from .optimizer import SSAMOptimizer
-from .passes import RNGState, batchnorm_modules, freeze_batchnorm_stats, leave_no_trace
+from .passes import PreparedInputs, RNGState, batchnorm_modules, freeze_batchnorm_stats, leave_no_trace, shallow_copy
+from .reporting import CARD_HEADING, MetricsAccumulator, model_card_section
 
-__all__ = ["METRIC_NAMES", "SSAMMixin"]
-
-#: Keys added to the training logs, averaged over each logging window (``sam/skipped`` is a count).
-METRIC_NAMES: tuple[str, ...] = (
-    "sam/grad_norm",
-    "sam/ascent_grad_norm",
-    "sam/gamma",
-    "sam/ascent_loss",
-    "sam/skipped",
-)
-# Row layout of the on-device metric accumulator (no host sync until a log is written).
-_GRAD_NORM, _ASCENT_GRAD_NORM, _GAMMA, _ASCENT_LOSS, _SKIPPED, _MICRO_BATCHES, _STEPS = range(7)
+__all__ = ["SSAMMixin"]
 
 #: Trainers that generate or sample inside the step (online RL): their second pass is not the same function.
 _ONLINE_RL_TRAINERS = ("GRPOTrainer", "RLOOTrainer", "OnlineDPOTrainer", "PPOTrainer", "XPOTrainer",
@@ -118,7 +108,7 @@ class SSAMMixin:
         self._sam_param_cache: tuple[Any, list[nn.Parameter]] | None = None
         self._sam_bn_cache: tuple[nn.Module, list[nn.Module]] | None = None
         self._sam_backup: list[torch.Tensor] | None = None
-        self._sam_metrics: torch.Tensor | None = None
+        self._sam_metrics = MetricsAccumulator()
 
     # ----------------------------------------------------------------------------------------- the step
 
@@ -138,9 +128,9 @@ class SSAMMixin:
         rng = RNGState.capture() if args.sam_replay_rng else None
         k = self.current_gradient_accumulation_steps
 
-        prepared = _PreparedInputs(self)
+        prepared = PreparedInputs(self)
         with self._pass_sync_context(model), prepared.capture():
-            loss = super().training_step(model, _shallow_copy(inputs), num_items_in_batch)  # g = ∇F(w)
+            loss = super().training_step(model, shallow_copy(inputs), num_items_in_batch)  # g = ∇F(w)
 
         with torch.no_grad():
             with_grad = [p for p in params if p.grad is not None]
@@ -176,7 +166,7 @@ class SSAMMixin:
             prepared.replay(),
             leave_no_trace(self),
         ):
-            ascent_loss = super().training_step(model, _shallow_copy(inputs), num_items_in_batch)  # g_asc
+            ascent_loss = super().training_step(model, shallow_copy(inputs), num_items_in_batch)  # g_asc
 
         with torch.no_grad():
             functional.restore_(with_grad, backup)  # w, exactly
@@ -191,7 +181,9 @@ class SSAMMixin:
             if not args.sam_sync_ascent and self.accelerator.sync_gradients and _is_ddp(model):
                 self._all_reduce_grads(params)
             skipped = ~valid | rescale_skipped if renormalize else ~valid
-            self._record(grad_norm * grad_unscale, ascent_grad_norm * grad_unscale, gamma, ascent_loss, skipped, k)
+            self._sam_metrics.add(
+                grad_norm * grad_unscale, ascent_grad_norm * grad_unscale, gamma, ascent_loss, skipped, k
+            )
         return loss
 
     # -------------------------------------------------------------------------------------- helpers
@@ -320,43 +312,15 @@ class SSAMMixin:
             flat = self.accelerator.reduce(flat, reduction="mean")
             torch._foreach_copy_(grads, torch._utils._unflatten_dense_tensors(flat, grads))
 
-    def _record(self, grad_norm, ascent_grad_norm, gamma, ascent_loss, skipped, k: int) -> None:
-        device = grad_norm.device
-        dtype = torch.float32 if device.type == "mps" else torch.float64  # float64: exact logs for small norms
-        row = torch.stack(
-            [
-                grad_norm.to(dtype),
-                ascent_grad_norm.to(dtype),
-                gamma.to(device, dtype),
-                ascent_loss.detach().to(device, dtype),
-                skipped.to(device, dtype),
-                torch.ones((), device=device, dtype=dtype),
-                torch.full((), 1.0 / k, device=device, dtype=dtype),
-            ]
-        )
-        self._sam_metrics = row if self._sam_metrics is None else self._sam_metrics + row
-
     def sam_metrics(self) -> dict[str, float]:
         """The SAM metrics accumulated since the last training log, averaged over processes (and reset)."""
-        sums = self._sam_metrics
-        if sums is None:
-            return {}
-        self._sam_metrics = None
-        sums = self.accelerator.reduce(sums.to(self.args.device), reduction="mean")
-        n, steps = sums[_MICRO_BATCHES].item(), sums[_STEPS].item()
-        return {
-            "sam/grad_norm": sums[_GRAD_NORM].item() / n,
-            "sam/ascent_grad_norm": sums[_ASCENT_GRAD_NORM].item() / n,
-            "sam/gamma": sums[_GAMMA].item() / n,
-            "sam/ascent_loss": sums[_ASCENT_LOSS].item() / steps,
-            "sam/skipped": sums[_SKIPPED].item() * self.accelerator.num_processes,
-        }
+        return self._sam_metrics.pop(self.accelerator, self.args.device)
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
         """`Trainer.train`, after checking the SAM settings again and clearing metrics of an earlier run."""
         self.args.check_sam_settings()  # fields set after construction get the construction-time checks
         self._check_fsdp()
-        self._sam_metrics = None  # no metrics of an earlier train() in the first log of this one
+        self._sam_metrics.clear()  # no metrics of an earlier train() in the first log of this one
         return super().train(*args, **kwargs)
 
     def _hp_search_setup(self, trial: Any) -> None:
@@ -371,42 +335,15 @@ class SSAMMixin:
             return
         with open(path, encoding="utf-8") as f:
             card = f.read()
-        if _CARD_HEADING not in card:
+        if CARD_HEADING not in card:
             with open(path, "a", encoding="utf-8") as f:
-                f.write(_sam_card_section(self.args))
+                f.write(model_card_section(self.args))
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         """Add the SAM metrics to every training log (the ones carrying `loss`)."""
         if "loss" in logs and self.args.sam_enabled:
             logs.update(self.sam_metrics())
         super().log(logs, *args, **kwargs)
-
-
-_CARD_HEADING = "### Sharpness-aware training"
-_SSAM_CITATION = """@article{tan2024stabilizing,
-  title   = {Stabilizing Sharpness-aware Minimization Through A Simple Renormalization Strategy},
-  author  = {Tan, Chengli and Zhang, Jiangshe and Liu, Junmin and Wang, Yicheng and Hao, Yunda},
-  journal = {arXiv preprint arXiv:2401.07250},
-  year    = {2024}
-}"""
-
-
-def _sam_card_section(args: SSAMTrainingArguments) -> str:
-    """The model card's section on the SAM-family step (appended after the Trainer's own card)."""
-    if not args.sam_enabled:
-        return f"\n{_CARD_HEADING}\n\nTrained with hf_ssam, sam_variant='none' (plain training, no SAM step).\n"
-    renormalize = functional.uses_renormalization(args.sam_variant, args.sam_renormalize)
-    return (
-        f"\n{_CARD_HEADING}\n\n"
-        "Trained with a two-pass sharpness-aware step (hf_ssam) around the optimizer listed above:\n"
-        f"- sam_variant: {args.sam_variant}\n"
-        f"- sam_rho: {args.sam_rho}\n"
-        f"- renormalization (g_asc rescaled to ‖g‖): {renormalize}\n"
-        f"- ascent mode: {'synchronized (global-batch g)' if args.sam_sync_ascent else 'local (per-replica g)'}\n"
-        f"- sam_interval: {args.sam_interval}\n"
-        + (f"- sam_asam_eta: {args.sam_asam_eta}\n" if args.sam_variant == "asam" else "")
-        + f"\nSSAM (Tan et al., 2024):\n\n```bibtex\n{_SSAM_CITATION}\n```\n"
-    )
 
 
 def _count_items(inputs: Any, shifts_labels: bool) -> torch.Tensor | None:
@@ -440,45 +377,6 @@ def _refuse_online_rl(cls: type) -> None:
         )
 
 
-class _PreparedInputs:
-    """Prepare a micro-batch once: the second pass gets what the first pass's `_prepare_inputs` returned.
-
-    Trainers that generate, sample or advance a buffer in `_prepare_inputs` then do it once per micro-batch,
-    and both passes differentiate the same batch.
-    """
-
-    def __init__(self, trainer: Any):
-        self.trainer = trainer
-        self.inputs: Any = None
-        self.captured = False
-
-    @contextlib.contextmanager
-    def _patched(self, replacement: Any) -> Iterator[None]:
-        shadowed = self.trainer.__dict__.get("_prepare_inputs")
-        self.trainer._prepare_inputs = replacement
-        try:
-            yield
-        finally:
-            if shadowed is None:
-                del self.trainer._prepare_inputs
-            else:
-                self.trainer._prepare_inputs = shadowed
-
-    def capture(self) -> contextlib.AbstractContextManager[None]:
-        original = self.trainer._prepare_inputs
-
-        def prepare(inputs: Any) -> Any:
-            self.inputs, self.captured = original(inputs), True
-            return _shallow_copy(self.inputs)
-
-        return self._patched(prepare)
-
-    def replay(self) -> contextlib.AbstractContextManager[None]:
-        if not self.captured:  # a training_step that does not prepare its inputs through _prepare_inputs
-            return contextlib.nullcontext()
-        return self._patched(lambda inputs: _shallow_copy(self.inputs))
-
-
 def _is_ddp(model: nn.Module) -> bool:
     return isinstance(model, nn.parallel.DistributedDataParallel)
 
@@ -495,11 +393,6 @@ def _fsdp2_gradient_sync(model: nn.Module) -> bool:
     """The flag `FSDPModule.set_requires_gradient_sync` last set on ``model`` (torch has no getter for it)."""
     groups = model._get_fsdp_state()._fsdp_param_groups
     return all(group.reduce_grads for group in groups)
-
-
-def _shallow_copy(inputs: Any) -> Any:
-    """A fresh mapping per pass, so a `compute_loss` that pops keys (e.g. `labels`) cannot starve the other."""
-    return type(inputs)(inputs) if isinstance(inputs, dict) else inputs
 
 
 def _take_grads(params: list[nn.Parameter]) -> list[torch.Tensor | None] | None:

@@ -104,9 +104,7 @@ class SSAMOptimizer(torch.optim.Optimizer):
         scale_rho_by_gamma: bool = False,
         **base_kwargs: Any,
     ) -> None:
-        sam = _sam_settings(variant, rho, renormalize, asam_eta)
-        _check_max_grad_norm(max_grad_norm)
-        _check_gamma_control(gamma_bounds, scale_rho_by_gamma, variant, renormalize)
+        sam = _checked_settings(variant, rho, renormalize, asam_eta, max_grad_norm, gamma_bounds, scale_rho_by_gamma)
         if not (isinstance(base_optimizer_cls, type) and issubclass(base_optimizer_cls, torch.optim.Optimizer)):
             if isinstance(base_optimizer_cls, torch.optim.Optimizer):
                 got = f"a built {type(base_optimizer_cls).__name__} instance"
@@ -117,8 +115,9 @@ class SSAMOptimizer(torch.optim.Optimizer):
                 f"base_optimizer_cls={got} is not a torch.optim.Optimizer subclass (e.g. torch.optim.AdamW){hint}."
             )
         super().__init__(params, {**sam, **base_kwargs})
-        self._adopt(base_optimizer_cls(self.param_groups, **base_kwargs), max_grad_norm)
-        self._set_gamma_control(gamma_bounds, scale_rho_by_gamma)
+        self._adopt(
+            base_optimizer_cls(self.param_groups, **base_kwargs), max_grad_norm, gamma_bounds, scale_rho_by_gamma
+        )
 
     @classmethod
     def wrap(
@@ -155,29 +154,30 @@ class SSAMOptimizer(torch.optim.Optimizer):
                 f"torch.optim.AdamW(model.parameters()) or timm's create_optimizer_v2(model, ...)); got "
                 f"{type(base_optimizer).__name__}: {what[:120]}{hint}."
             )
-        sam = _sam_settings(variant, rho, renormalize, asam_eta)
-        _check_max_grad_norm(max_grad_norm)
-        _check_gamma_control(gamma_bounds, scale_rho_by_gamma, variant, renormalize)
+        sam = _checked_settings(variant, rho, renormalize, asam_eta, max_grad_norm, gamma_bounds, scale_rho_by_gamma)
         self = cls.__new__(cls)
         # The base optimizer's own group dicts: the SAM keys are filled in where a group does not set them.
         torch.optim.Optimizer.__init__(self, base_optimizer.param_groups, sam)
-        self._adopt(base_optimizer, max_grad_norm)
-        self._set_gamma_control(gamma_bounds, scale_rho_by_gamma)
+        self._adopt(base_optimizer, max_grad_norm, gamma_bounds, scale_rho_by_gamma)
         return self
 
-    def _adopt(self, base_optimizer: torch.optim.Optimizer, max_grad_norm: float | None) -> None:
+    def _adopt(
+        self,
+        base_optimizer: torch.optim.Optimizer,
+        max_grad_norm: float | None,
+        gamma_bounds: tuple[float, float] | None,
+        scale_rho_by_gamma: bool,
+    ) -> None:
         self.base_optimizer = base_optimizer
         self.max_grad_norm = max_grad_norm
+        self._gamma_bounds = None if gamma_bounds is None else (float(gamma_bounds[0]), float(gamma_bounds[1]))
+        self._scale_rho_by_gamma = scale_rho_by_gamma
+        self._previous_gamma: Tensor | None = None  # γ_{t−1}, for scale_rho_by_gamma
         self._link_base()
         self._check_groups()
         self._backup: dict[Tensor, Tensor] = {}  # saved w, one buffer per parameter, reused every step
         self._pending: _FirstStep | None = None
         self._last: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
-
-    def _set_gamma_control(self, gamma_bounds: tuple[float, float] | None, scale_rho_by_gamma: bool) -> None:
-        self._gamma_bounds = None if gamma_bounds is None else (float(gamma_bounds[0]), float(gamma_bounds[1]))
-        self._scale_rho_by_gamma = scale_rho_by_gamma
-        self._previous_gamma: Tensor | None = None  # γ_{t−1}, for scale_rho_by_gamma
 
     def _link_base(self) -> None:
         """Share param groups and state with the base optimizer (one truth for schedulers and checkpoints)."""
@@ -415,8 +415,19 @@ class SSAMOptimizer(torch.optim.Optimizer):
         return self.base_optimizer.state_dict()
 
 
-def _sam_settings(variant: str, rho: float, renormalize: bool | None, asam_eta: float) -> dict[str, Any]:
+def _checked_settings(
+    variant: str,
+    rho: float,
+    renormalize: bool | None,
+    asam_eta: float,
+    max_grad_norm: float | None,
+    gamma_bounds: tuple[float, float] | None,
+    scale_rho_by_gamma: bool,
+) -> dict[str, Any]:
+    """The SAM group settings, after every constructor argument was checked (a ValueError names a bad one)."""
     check_sam_config(variant, rho, renormalize, asam_eta, prefix="")
+    _check_max_grad_norm(max_grad_norm)
+    _check_gamma_control(gamma_bounds, scale_rho_by_gamma, variant, renormalize)
     if variant == NO_SAM:
         raise ValueError(
             f"variant={variant!r} is not supported by SSAMOptimizer; choose one of {list(VARIANTS)} "

@@ -4,7 +4,8 @@ Both passes of a SAM step must differentiate the *same* mini-batch loss: same dr
 (`RNGState` replays the random number generators) and no second update of BatchNorm's
 running statistics (`freeze_batchnorm_stats`). Both work for plain PyTorch loops too. The second
 pass must also leave no trace on the trainer beyond its gradient (`leave_no_trace`): metrics and
-counters that `compute_loss` records are those of the first pass only.
+counters that `compute_loss` records are those of the first pass only, and the batch is prepared once
+(`PreparedInputs`): a trainer that samples while preparing its inputs does not sample again.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["RNGState", "freeze_batchnorm_stats", "leave_no_trace"]
+__all__ = ["PreparedInputs", "RNGState", "freeze_batchnorm_stats", "leave_no_trace", "shallow_copy"]
 
 #: How deep `leave_no_trace` follows nested dicts (TRL keeps ``_metrics[mode][name]`` lists: depth 2).
 _MAX_DEPTH = 4
@@ -128,3 +129,47 @@ def leave_no_trace(obj: Any) -> Iterator[None]:
             if state.get(name, _MISSING) is not snap.value:
                 setattr(obj, name, snap.value)
             snap.restore()
+
+
+class PreparedInputs:
+    """Prepare a micro-batch once: the second pass gets what the first pass's `_prepare_inputs` returned.
+
+    Trainers that generate, sample or advance a buffer in `_prepare_inputs` then do it once per micro-batch,
+    and both passes differentiate the same batch.
+    """
+
+    def __init__(self, trainer: Any):
+        self.trainer = trainer
+        self.inputs: Any = None
+        self.captured = False
+
+    @contextlib.contextmanager
+    def _patched(self, replacement: Any) -> Iterator[None]:
+        shadowed = self.trainer.__dict__.get("_prepare_inputs")
+        self.trainer._prepare_inputs = replacement
+        try:
+            yield
+        finally:
+            if shadowed is None:
+                del self.trainer._prepare_inputs
+            else:
+                self.trainer._prepare_inputs = shadowed
+
+    def capture(self) -> contextlib.AbstractContextManager[None]:
+        original = self.trainer._prepare_inputs
+
+        def prepare(inputs: Any) -> Any:
+            self.inputs, self.captured = original(inputs), True
+            return shallow_copy(self.inputs)
+
+        return self._patched(prepare)
+
+    def replay(self) -> contextlib.AbstractContextManager[None]:
+        if not self.captured:  # a training_step that does not prepare its inputs through _prepare_inputs
+            return contextlib.nullcontext()
+        return self._patched(lambda inputs: shallow_copy(self.inputs))
+
+
+def shallow_copy(inputs: Any) -> Any:
+    """A fresh mapping per pass, so a `compute_loss` that pops keys (e.g. `labels`) cannot starve the other."""
+    return type(inputs)(inputs) if isinstance(inputs, dict) else inputs

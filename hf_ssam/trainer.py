@@ -6,9 +6,9 @@ from torch import nn
 from transformers import Trainer, TrainingArguments
 
 from .arguments import SSAMTrainingArguments
-from .mixin import METRIC_NAMES, SSAMMixin
+from .mixin import SSAMMixin
 
-__all__ = ["METRIC_NAMES", "SSAMTrainer"]
+__all__ = ["SSAMTrainer"]
 
 
 class SSAMTrainer(SSAMMixin, Trainer):

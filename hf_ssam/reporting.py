@@ -1,0 +1,95 @@
+"""What a Trainer run reports about its SAM steps: the `sam/*` log keys and the model card's section.
+
+The metrics are summed on the device, step after step, and read on the host only when a log is written.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .functional import uses_renormalization
+
+__all__ = ["CARD_HEADING", "METRIC_NAMES", "MetricsAccumulator", "model_card_section"]
+
+#: Keys added to the training logs, averaged over each logging window (``sam/skipped`` is a count).
+METRIC_NAMES: tuple[str, ...] = (
+    "sam/grad_norm",
+    "sam/ascent_grad_norm",
+    "sam/gamma",
+    "sam/ascent_loss",
+    "sam/skipped",
+)
+# Row layout of the on-device sums.
+_GRAD_NORM, _ASCENT_GRAD_NORM, _GAMMA, _ASCENT_LOSS, _SKIPPED, _MICRO_BATCHES, _STEPS = range(7)
+
+
+class MetricsAccumulator:
+    """Sums of the per-micro-batch SAM quantities since the last log, kept on the device (no host sync)."""
+
+    def __init__(self) -> None:
+        self.sums: torch.Tensor | None = None
+
+    def add(self, grad_norm, ascent_grad_norm, gamma, ascent_loss, skipped, k: int) -> None:
+        """One micro-batch of an optimizer step over ``k`` micro-batches: ‖g‖, ‖g_asc‖, γ, L(w + e), skipped."""
+        device = grad_norm.device
+        dtype = torch.float32 if device.type == "mps" else torch.float64  # float64: exact logs for small norms
+        row = torch.stack(
+            [
+                grad_norm.to(dtype),
+                ascent_grad_norm.to(dtype),
+                gamma.to(device, dtype),
+                ascent_loss.detach().to(device, dtype),
+                skipped.to(device, dtype),
+                torch.ones((), device=device, dtype=dtype),
+                torch.full((), 1.0 / k, device=device, dtype=dtype),
+            ]
+        )
+        self.sums = row if self.sums is None else self.sums + row
+
+    def clear(self) -> None:
+        self.sums = None
+
+    def pop(self, accelerator: Any, device: torch.device) -> dict[str, float]:
+        """The averages since the last call, over micro-batches and processes (this is where the host waits)."""
+        sums, self.sums = self.sums, None
+        if sums is None:
+            return {}
+        sums = accelerator.reduce(sums.to(device), reduction="mean")
+        n, steps = sums[_MICRO_BATCHES].item(), sums[_STEPS].item()
+        return {
+            "sam/grad_norm": sums[_GRAD_NORM].item() / n,
+            "sam/ascent_grad_norm": sums[_ASCENT_GRAD_NORM].item() / n,
+            "sam/gamma": sums[_GAMMA].item() / n,
+            "sam/ascent_loss": sums[_ASCENT_LOSS].item() / steps,
+            "sam/skipped": sums[_SKIPPED].item() * accelerator.num_processes,
+        }
+
+
+#: The heading of the section `model_card_section` writes (the card gets it once).
+CARD_HEADING = "### Sharpness-aware training"
+_SSAM_CITATION = """@article{tan2024stabilizing,
+  title   = {Stabilizing Sharpness-aware Minimization Through A Simple Renormalization Strategy},
+  author  = {Tan, Chengli and Zhang, Jiangshe and Liu, Junmin and Wang, Yicheng and Hao, Yunda},
+  journal = {arXiv preprint arXiv:2401.07250},
+  year    = {2024}
+}"""
+
+
+def model_card_section(args: Any) -> str:
+    """The model card's section on the SAM-family step (appended after the Trainer's own card)."""
+    if not args.sam_enabled:
+        return f"\n{CARD_HEADING}\n\nTrained with hf_ssam, sam_variant='none' (plain training, no SAM step).\n"
+    renormalize = uses_renormalization(args.sam_variant, args.sam_renormalize)
+    return (
+        f"\n{CARD_HEADING}\n\n"
+        "Trained with a two-pass sharpness-aware step (hf_ssam) around the optimizer listed above:\n"
+        f"- sam_variant: {args.sam_variant}\n"
+        f"- sam_rho: {args.sam_rho}\n"
+        f"- renormalization (g_asc rescaled to ‖g‖): {renormalize}\n"
+        f"- ascent mode: {'synchronized (global-batch g)' if args.sam_sync_ascent else 'local (per-replica g)'}\n"
+        f"- sam_interval: {args.sam_interval}\n"
+        + (f"- sam_asam_eta: {args.sam_asam_eta}\n" if args.sam_variant == "asam" else "")
+        + f"\nSSAM (Tan et al., 2024):\n\n```bibtex\n{_SSAM_CITATION}\n```\n"
+    )
