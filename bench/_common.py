@@ -167,6 +167,35 @@ def small_cnn(num_classes: int = 10) -> Any:
     )
 
 
+def sgd_or_sam(params: Any, optimizer: str, rho: float, **sgd_kwargs: Any) -> Any:
+    """``torch.optim.SGD`` for ``optimizer="sgd"``, else `SSAMOptimizer` of that variant around the same SGD."""
+    import torch
+
+    from hf_ssam import SSAMOptimizer
+
+    if optimizer == "sgd":
+        return torch.optim.SGD(params, **sgd_kwargs)
+    return SSAMOptimizer(params, torch.optim.SGD, variant=optimizer, rho=rho, **sgd_kwargs)
+
+
+def train_step(model: Any, opt: Any, loss_fn: Any, xb: Any, yb: Any, *, freeze_bn: bool = True) -> None:
+    """One step on (xb, yb): plain SGD, or the two passes of a SAM step (BatchNorm statistics updated once)."""
+    import contextlib
+
+    from hf_ssam import SSAMOptimizer, freeze_batchnorm_stats
+
+    if not isinstance(opt, SSAMOptimizer):
+        opt.zero_grad()
+        loss_fn(model(xb), yb).backward()
+        opt.step()
+        return
+    loss_fn(model(xb), yb).backward()  # g at w
+    opt.first_step(zero_grad=True)
+    with freeze_batchnorm_stats(model) if freeze_bn else contextlib.nullcontext():
+        loss_fn(model(xb), yb).backward()  # g_asc at w + e
+    opt.second_step(zero_grad=True)
+
+
 def rowwise_sam_direction(
     gradient: Any,
     x: Any,

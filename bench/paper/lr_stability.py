@@ -37,8 +37,6 @@ import _common  # noqa: E402  (before torch: pins the offline, single-threaded e
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from hf_ssam import SSAMOptimizer, freeze_batchnorm_stats  # noqa: E402
-
 OPTIMIZERS: dict[str, str] = {"sgd": "SGD", "sam": "SAM* (sam)", "usam": "SAM (usam)", "ssam": "SSAM (ssam)"}
 RHO = 1.0
 BATCH = 128
@@ -51,10 +49,7 @@ def train(optimizer: str, lr: float, epochs: int, seed: int, data: tuple[torch.T
     torch.manual_seed(seed)
     model = _common.small_cnn()
     kwargs = dict(lr=lr, momentum=0.9, weight_decay=5e-4)
-    if optimizer == "sgd":
-        opt: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), **kwargs)
-    else:
-        opt = SSAMOptimizer(model.parameters(), torch.optim.SGD, variant=optimizer, rho=RHO, **kwargs)
+    opt = _common.sgd_or_sam(model.parameters(), optimizer, RHO, **kwargs)
     loss_fn = nn.CrossEntropyLoss()
     gen = torch.Generator().manual_seed(seed)
     model.train()
@@ -62,16 +57,7 @@ def train(optimizer: str, lr: float, epochs: int, seed: int, data: tuple[torch.T
         perm = torch.randperm(len(x), generator=gen)
         for i in range(0, len(x) - BATCH + 1, BATCH):
             xb, yb = x[perm[i : i + BATCH]], y[perm[i : i + BATCH]]
-            if optimizer == "sgd":
-                opt.zero_grad()
-                loss_fn(model(xb), yb).backward()
-                opt.step()
-            else:
-                loss_fn(model(xb), yb).backward()
-                opt.first_step(zero_grad=True)  # type: ignore[attr-defined]
-                with freeze_batchnorm_stats(model):  # BatchNorm statistics: updated once, by the first pass
-                    loss_fn(model(xb), yb).backward()
-                opt.second_step(zero_grad=True)  # type: ignore[attr-defined]
+            _common.train_step(model, opt, loss_fn, xb, yb)  # BatchNorm statistics: updated once, by the first pass
     model.eval()
     with torch.no_grad():
         logits = model(x)

@@ -39,8 +39,6 @@ import _common  # noqa: E402  (before torch: pins the offline, single-threaded e
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from hf_ssam import SSAMOptimizer, freeze_batchnorm_stats  # noqa: E402
-
 OPTIMIZERS: dict[str, str] = {"sgd": "SGD", "usam": "SAM (usam)", "ssam": "SSAM (ssam)"}
 RHO, LR, BATCH, N_TRAIN, K = 0.1, 0.05, 128, 1297, 5
 WELL_BELOW = 0.8
@@ -59,10 +57,7 @@ def train(optimizer: str, seed: int, epochs: int, data: tuple, rho: float = RHO)
     torch.manual_seed(seed)
     model = _common.small_cnn()
     kwargs = dict(lr=LR, momentum=0.9, weight_decay=5e-4)
-    if optimizer == "sgd":
-        opt: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), **kwargs)
-    else:
-        opt = SSAMOptimizer(model.parameters(), torch.optim.SGD, variant=optimizer, rho=rho, **kwargs)
+    opt = _common.sgd_or_sam(model.parameters(), optimizer, rho, **kwargs)
     steps_per_epoch = len(x) // BATCH
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps_per_epoch)
     loss_fn = nn.CrossEntropyLoss()
@@ -72,16 +67,7 @@ def train(optimizer: str, seed: int, epochs: int, data: tuple, rho: float = RHO)
         perm = torch.randperm(len(x), generator=gen)
         for i in range(steps_per_epoch):
             xb, yb = x[perm[i * BATCH : (i + 1) * BATCH]], y[perm[i * BATCH : (i + 1) * BATCH]]
-            if optimizer == "sgd":
-                opt.zero_grad()
-                loss_fn(model(xb), yb).backward()
-                opt.step()
-            else:
-                loss_fn(model(xb), yb).backward()
-                opt.first_step(zero_grad=True)  # type: ignore[attr-defined]
-                with freeze_batchnorm_stats(model):
-                    loss_fn(model(xb), yb).backward()
-                opt.second_step(zero_grad=True)  # type: ignore[attr-defined]
+            _common.train_step(model, opt, loss_fn, xb, yb)
             schedule.step()
     return model.eval()
 

@@ -42,8 +42,6 @@ import _common  # noqa: E402  (before torch: pins the offline, single-threaded e
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from hf_ssam import SSAMOptimizer  # noqa: E402
-
 OPTIMIZERS: dict[str, str] = {"sgd": "SGD", "usam": "SAM (usam)", "ssam": "SSAM (ssam)"}
 MODELS: dict[str, str] = {"mlp": "MLP 2x500", "cnn": "LeNet-style CNN"}
 RHO, LR, N_TRAIN = 0.01, 0.01, 1000
@@ -101,12 +99,7 @@ def run(
     first = build(model_name, hidden)
     second = build(model_name, hidden)
     second.load_state_dict(first.state_dict())  # same initialization
-    opts = []
-    for model in (first, second):
-        if optimizer == "sgd":
-            opts.append(torch.optim.SGD(model.parameters(), lr=LR))
-        else:
-            opts.append(SSAMOptimizer(model.parameters(), torch.optim.SGD, variant=optimizer, rho=RHO, lr=LR))
+    opts = [_common.sgd_or_sam(model.parameters(), optimizer, RHO, lr=LR) for model in (first, second)]
     loss_fn = nn.CrossEntropyLoss()
     gen = torch.Generator().manual_seed(7 + pair)
     rows = []
@@ -133,15 +126,7 @@ def run(
         for i in perm.tolist():
             for model, opt, idx in ((first, opts[0], s), (second, opts[1], s_prime)):
                 xb, yb = x[idx[i] : idx[i] + 1], y[idx[i] : idx[i] + 1]
-                if optimizer == "sgd":
-                    opt.zero_grad()
-                    loss_fn(model(xb), yb).backward()
-                    opt.step()
-                else:
-                    loss_fn(model(xb), yb).backward()
-                    opt.first_step(zero_grad=True)  # type: ignore[attr-defined]
-                    loss_fn(model(xb), yb).backward()
-                    opt.second_step(zero_grad=True)  # type: ignore[attr-defined]
+                _common.train_step(model, opt, loss_fn, xb, yb, freeze_bn=False)
         record(epoch)
     return rows
 
