@@ -154,6 +154,10 @@ def worker(ns: argparse.Namespace) -> None:
     (ns.out / f"{ns.mode}.rank{rank}.json").write_text(json.dumps(result))
     dist.barrier()  # nobody tears the connections down while another process still uses them
     dist.destroy_process_group()
+    # FSDP2's mesh still holds the process group, and a gloo worker thread that frees its last collective during
+    # interpreter shutdown aborts the exit after the work is done (pytorch/pytorch#179291): skip that shutdown.
+    sys.stdout.flush()
+    os._exit(0)
 
 
 # --- driver -------------------------------------------------------------------------------------------------

@@ -36,6 +36,8 @@ from torch.utils.data import Dataset, SequentialSampler
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's hf_ssam
 
+from _teardown import leave  # noqa: E402  (tests/, the script's own folder)
+
 from hf_ssam import SSAMTrainer, SSAMTrainingArguments  # noqa: E402
 
 N_SAMPLES = 64
@@ -281,8 +283,7 @@ def main() -> None:
         result = run_refusal(ns.out, spec) if spec.get("kind") == "refusal" else run_train(ns.out, spec)
         result["world_size"] = dist.get_world_size()
         torch.save(result, os.path.join(ns.out, f"{spec['name']}.rank{dist.get_rank()}.pt"))
-    dist.barrier()  # nobody tears the connections down while another process still uses them
-    dist.destroy_process_group()
+    leave()
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from torch.utils.data import SequentialSampler
 
 sys.path.insert(0, os.path.dirname(__file__))
 from _lm import Sequences, tiny_lm  # noqa: E402
+from _teardown import leave  # noqa: E402
 
 from hf_ssam import SSAMTrainer, SSAMTrainingArguments  # noqa: E402
 
@@ -67,6 +68,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-    if dist.is_initialized():  # tear the process group down on every rank before exiting
-        dist.barrier()
-        dist.destroy_process_group()
+    leave()

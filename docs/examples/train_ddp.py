@@ -4,6 +4,7 @@ Launch with `accelerate launch --multi_gpu --num_processes 8 train.py` on a GPU 
 `torchrun --standalone --nproc_per_node 2 train.py` for a check on CPUs, or `python train.py`.
 """
 
+import os
 import sys
 
 import torch
@@ -39,3 +40,7 @@ if trainer.is_world_process_zero():
 if torch.distributed.is_initialized():  # tear the process group down on every rank before exiting
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
+    # DDP's reducer still holds the process group, and a gloo worker thread that frees its last collective during
+    # interpreter shutdown aborts the exit after the work is done (pytorch/pytorch#179291): skip that shutdown.
+    sys.stdout.flush()
+    os._exit(0)
