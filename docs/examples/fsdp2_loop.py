@@ -99,9 +99,8 @@ if rank == 0:
 assert last_loss < first_loss
 dist.barrier()  # every process is done communicating before any tears its connections down
 dist.destroy_process_group()
-# FSDP2's mesh still holds the process group, and a gloo worker thread that frees its last collective during
-# interpreter shutdown aborts the exit after the work is done (pytorch/pytorch#179291): skip that shutdown.
-if not launched:
-    store.cleanup()
-sys.stdout.flush()
-os._exit(0)
+if launched:
+    # FSDP2's mesh still holds the process group, and a gloo worker thread that frees its last collective during
+    # interpreter shutdown aborts the exit after the work is done (pytorch/pytorch#179291): skip that shutdown.
+    sys.stdout.flush()
+    os._exit(0)
