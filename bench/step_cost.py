@@ -25,7 +25,9 @@ What is measured, per model (a small BERT built from a ``BertConfig`` and a smal
   clock is wall time after a synchronize. The first ``--warmup`` steps are dropped. The table reports
   medians per configuration; the checks use *paired* ratios, the median over cycles of (step of A) /
   (step of B) from the same cycle, with a 95% bootstrap interval. ``ssam@5`` (``sam_interval=5``)
-  alternates cheap and expensive steps, so it is compared over whole 5-step cycles.
+  alternates cheap and expensive steps, so it is compared over whole 5-step cycles. All the threads
+  allocate from one glibc malloc arena (``mallopt(M_ARENA_MAX, 1)``), as a one-thread training script
+  does; with glibc's default of one arena per thread the configurations' allocations are not alike.
 * **Hand-written loops** (``loop:*``): the same model, batches and base optimizer (the Trainer's own
   optimizer class and arguments), the same gradient clipping, with (``loop:plain``) no SAM,
   (``loop:ssam``) the SSAM maths written directly with ``torch._foreach_*`` kernels (perturbation in
@@ -76,7 +78,7 @@ from stepcost.bookkeeping import bookkeeping_seconds
 from stepcost.configs import ALL_CONFIGS, GA_CONFIGS, GROUPS, make_runner
 from stepcost.memory import measure_memory, memory_child
 from stepcost.report import amp_summary, checks_for, plot
-from stepcost.timing import PRIMARY, Baton, paired_ratio
+from stepcost.timing import PRIMARY, Baton, one_malloc_arena, paired_ratio
 from stepcost.workloads import WORKLOADS
 
 
@@ -90,6 +92,7 @@ def time_model(
 ) -> tuple[list[dict[str, Any]], dict]:
     """Time the configurations on one workload, interleaved step by step; returns the table rows and extras."""
     torch.set_num_threads(1)
+    one_malloc_arena()  # the configurations' threads share one allocator arena, as one training thread would
     workload = WORKLOADS[model_name](quick)
     print(f"[{model_name}] {workload.description}", flush=True)
     base = workload.build()
