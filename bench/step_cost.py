@@ -43,8 +43,9 @@ What is measured, per model (a small BERT built from a ``BertConfig`` and a smal
   order ``SSAMTrainer`` calls it (norm, scale, save, perturb, zero, restore, norm, γ, rescale), as a
   fraction of the ``trainer:ssam`` step.
 * **Peak memory** over plain training, in units of the model's parameter bytes: every configuration runs
-  a few steps in a fresh subprocess and reports its resident-set high-water mark (``VmHWM``; with CUDA,
-  ``torch.cuda.max_memory_allocated``). ``tracemalloc`` cannot see torch's CPU allocations. The
+  a few steps in a fresh subprocess and reports its resident-set high-water mark (``VmHWM``) less the
+  file-backed pages resident at the end (the libraries' code, whose count varies with the page cache;
+  with CUDA, ``torch.cuda.max_memory_allocated``). ``tracemalloc`` cannot see torch's CPU allocations. The
   subprocesses run with ``MALLOC_MMAP_THRESHOLD_=131072`` so that glibc returns every freed tensor-sized
   block to the OS: the high-water mark then follows the live tensors, reproducibly, rather than heap
   fragmentation.
