@@ -359,10 +359,16 @@ class SharpnessCallback(TrainerCallback):
 
     Logs ``sharpness/hessian_top_1`` … ``sharpness/hessian_top_{k}`` (`top_hessian_eigenvalues`) and
     ``sharpness/sam_rho`` (`sam_sharpness` at radius ``rho``) on the fixed ``batches``, at the current
-    weights, after the Trainer's evaluation. The values are added to the metrics that ``trainer.evaluate()``
-    returns (so ``metric_for_best_model`` can use them) and logged through the Trainer, so they reach
+    weights, after the Trainer's evaluation. They are logged through the Trainer under these names, so they reach
     ``trainer.state.log_history``, TensorBoard, W&B and every other ``report_to`` integration as a log row of their
-    own. Under DDP every rank computes on its own copy and rank 0's values are broadcast: all ranks log the same.
+    own. They are also added to the metrics that ``trainer.evaluate()`` returns, under the evaluation's prefix like
+    the Trainer's own metrics (``eval_sharpness/hessian_top_1``; ``eval_{name}_sharpness/…`` for a dict of
+    evaluation datasets), which is where the Trainer looks for ``metric_for_best_model``: either
+    ``metric_for_best_model="sharpness/hessian_top_1"`` (the Trainer adds ``eval_``) or
+    ``"eval_sharpness/hessian_top_1"`` selects the best checkpoint (``load_best_model_at_end=True`` included). Set
+    ``greater_is_better=False`` to keep the flattest checkpoint: the Trainer's default for a name that does not end
+    in ``loss`` is ``True``. Under DDP every rank computes on its own copy and rank 0's values are broadcast: all
+    ranks log the same.
 
     Cost per measurement: up to ``max_iter`` Hessian-vector products for all k eigenvalues together (Lanczos;
     each product is one forward, one backward and one double backward per batch, about 3 to 4 times a training
@@ -448,14 +454,22 @@ class SharpnessCallback(TrainerCallback):
             return
         rho = self.rho if self.rho is not None else getattr(args, "sam_rho", 0.05)
         values = _broadcast_from_rank0(self.measure(model, rho), args.device)
-        if metrics is not None:
-            metrics.update(values)
+        if metrics is not None:  # under the evaluation's prefix, as the Trainer looks up `metric_for_best_model`
+            prefix = _metric_prefix(metrics)
+            metrics.update({f"{prefix}_{name}": value for name, value in values.items()})
         if self.trainer is not None:
             self.trainer.log(dict(values))
         elif state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(values)  # the row of this evaluation, logged just before
         else:
             state.log_history.append({**values, "step": state.global_step})
+
+
+def _metric_prefix(metrics: Mapping[str, Any]) -> str:
+    """The prefix of an evaluation's metrics: ``eval`` (``eval_{name}`` for a dict of datasets, or what
+    ``trainer.evaluate(metric_key_prefix=...)`` was given), read from the ``{prefix}_runtime`` the Trainer adds."""
+    prefixes = {key[: -len("_runtime")] for key in metrics if key.endswith("_runtime")}
+    return prefixes.pop() if len(prefixes) == 1 else "eval"
 
 
 def _broadcast_from_rank0(values: dict[str, float], device: torch.device) -> dict[str, float]:

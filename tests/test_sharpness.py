@@ -341,9 +341,57 @@ def test_callback_logs_the_values_at_each_evaluation(tmp_path: Path, variant: st
     metrics = trainer.evaluate()  # at the final weights: the same numbers as calling the functions directly
     model = trainer.model
     expected = top_hessian_eigenvalues(model, _loss, measure_on, k=2)
-    assert [metrics[KEYS[0]], metrics[KEYS[1]]] == pytest.approx(expected, rel=1e-9)
-    assert metrics[KEYS[2]] == pytest.approx(sam_sharpness(model, _loss, measure_on, 0.1), rel=1e-9)  # the run's ρ
-    assert trainer.state.log_history[-1][KEYS[0]] == metrics[KEYS[0]]
+    # in the metrics under the evaluation's prefix, like the Trainer's own; in the log under the plain names
+    assert [metrics[f"eval_{KEYS[0]}"], metrics[f"eval_{KEYS[1]}"]] == pytest.approx(expected, rel=1e-9)
+    assert metrics[f"eval_{KEYS[2]}"] == pytest.approx(sam_sharpness(model, _loss, measure_on, 0.1), rel=1e-9)  # ρ
+    assert trainer.state.log_history[-1][KEYS[0]] == metrics[f"eval_{KEYS[0]}"]
+    assert not set(KEYS) & metrics.keys()
+
+
+@pytest.mark.parametrize("greater_is_better", [False, True], ids=["flattest", "sharpest"])
+@pytest.mark.parametrize("metric", [KEYS[0], f"eval_{KEYS[0]}"])
+def test_metric_for_best_model_picks_the_checkpoint_by_sharpness(
+    tmp_path: Path, metric: str, greater_is_better: bool
+) -> None:
+    """Both spellings select the best checkpoint by the logged eigenvalue, and load_best_model_at_end loads it."""
+    args = SSAMTrainingArguments(
+        output_dir=str(tmp_path), report_to="none", use_cpu=True, disable_tqdm=True, max_steps=6, logging_steps=2,
+        eval_strategy="steps", eval_steps=2, save_strategy="steps", save_steps=2, load_best_model_at_end=True,
+        metric_for_best_model=metric, greater_is_better=greater_is_better, per_device_train_batch_size=16,
+        learning_rate=0.5, sam_rho=0.1, seed=0,
+    )  # fmt: skip
+    measure_on = _mlp_batches(torch.float32)
+    callback = SharpnessCallback(measure_on, k=1)
+    data = _Dataset()
+    trainer = SSAMTrainer(model=MLP(torch.float32), args=args, train_dataset=data, eval_dataset=data,
+                          callbacks=[callback])  # fmt: skip
+    callback.bind(trainer)
+    trainer.train()
+
+    logged = {row["step"]: row[KEYS[0]] for row in trainer.state.log_history if KEYS[0] in row}
+    assert sorted(logged) == [2, 4, 6] and len(set(logged.values())) == 3  # the choice is not a tie
+    best_step = (max if greater_is_better else min)(logged, key=logged.get)  # chosen here, from the log alone
+    assert trainer.state.best_metric == logged[best_step]
+    assert Path(trainer.state.best_model_checkpoint).name == f"checkpoint-{best_step}"
+    assert best_step != 6  # in both directions here: loading the best checkpoint changes the weights
+    # the weights now in the model are the best checkpoint's, not the last step's
+    assert top_hessian_eigenvalues(trainer.model, _loss, measure_on, k=1)[0] == pytest.approx(
+        logged[best_step], rel=1e-6
+    )
+
+
+def test_metrics_take_the_prefix_of_each_evaluation(tmp_path: Path) -> None:
+    """A dict of evaluation datasets and an own ``metric_key_prefix``: the values sit next to that evaluation's."""
+    trainer, _, measure_on = _trainer(tmp_path, bound=False)
+    data = trainer.eval_dataset
+    expected = top_hessian_eigenvalues(trainer.model, _loss, measure_on, k=2)[0]  # the initial weights
+    metrics = trainer.evaluate(eval_dataset={"a": data, "b": data})
+    assert {key for key in metrics if "sharpness/" in key} == {
+        f"eval_{name}_{key}" for name in ("a", "b") for key in KEYS
+    }
+    assert metrics[f"eval_a_{KEYS[0]}"] == pytest.approx(expected, rel=1e-9)
+    metrics = trainer.evaluate(metric_key_prefix="test")
+    assert {key for key in metrics if "sharpness/" in key} == {f"test_{key}" for key in KEYS}
 
 
 def test_callback_every_n_evals(tmp_path: Path) -> None:
