@@ -36,15 +36,23 @@ class _SAMArgumentsMixin:
                 "(accelerate launch / torchrun) and FSDP2 (fsdp_config={'fsdp_version': 2}, sam_sync_ascent=True). "
                 "Use sam_variant='none' to train with DeepSpeed without SAM."
             )
+        fsdp = self.fsdp
         super().__post_init__()
+        # `TrainingArguments.__post_init__` converts `fsdp` (`"full_shard"` becomes True); the refusals quote what
+        # the user wrote, as long as the field still holds what that became.
+        self._fsdp_as_given = (self.fsdp, fsdp)
         self.check_sam_settings()
 
     def check_sam_settings(self) -> None:
         """Validate the `sam_*` fields; raises a `ValueError` naming the field, the value and what is allowed.
 
         Runs at construction and again when training starts, so values set afterwards (by a hyperparameter
-        search or by hand) get the same checks. Numbers given as strings (YAML reads `5e-2` as a string) are
-        converted.
+        search or by hand) get the same checks. A `sam_rho` or `sam_asam_eta` given as a string that spells a
+        number (the command line gives strings, and YAML reads `5e-2` as one) is converted to a float first; then
+        `sam_variant`, `sam_rho`, `sam_renormalize` and `sam_asam_eta` go through the check `SSAMOptimizer` runs
+        (`hf_ssam.variants.check_sam_config`), which refuses the same values. `sam_sync_ascent` and `sam_replay_rng`
+        must be bools (`HfArgumentParser` turns `--sam_sync_ascent false` and YAML's `false` into one); a string
+        such as `"false"` is refused, not read as true.
         """
         for name in ("sam_rho", "sam_asam_eta"):
             value = getattr(self, name)
@@ -56,10 +64,18 @@ class _SAMArgumentsMixin:
         check_sam_config(self.sam_variant, self.sam_rho, self.sam_renormalize, self.sam_asam_eta)
         if isinstance(self.sam_interval, bool) or not isinstance(self.sam_interval, int) or self.sam_interval < 1:
             raise ValueError(f"sam_interval={self.sam_interval!r} is invalid; it must be an integer >= 1.")
+        for name in ("sam_sync_ascent", "sam_replay_rng"):
+            value = getattr(self, name)
+            if not isinstance(value, bool):  # "false" and None would otherwise act as True and False
+                raise ValueError(
+                    f"{name}={value!r} is invalid; choose one of [True, False] (a bool, not {type(value).__name__})."
+                )
         if self.fsdp and self.sam_variant != NO_SAM:
             plugin_args = getattr(self, "fsdp_plugin_args", None)
             version = None if plugin_args is None else plugin_args.get("fsdp_version")  # None: FSDP on XLA
-            refusal = _fsdp_refusal(f"fsdp={self.fsdp!r}", version, self, fp16=self.fp16)
+            converted, given = getattr(self, "_fsdp_as_given", (None, None))
+            shown = given if converted is not None and converted == self.fsdp else self.fsdp
+            refusal = _fsdp_refusal(f"fsdp={shown!r}", version, self, fp16=self.fp16)
             if refusal:
                 raise ValueError(refusal)
 
@@ -118,8 +134,10 @@ class SSAMTrainingArguments(_SAMArgumentsMixin, TrainingArguments):
     Raises:
         ValueError: when built (and again when training starts, for values set afterwards), naming the field, the
             value and what is allowed: a `sam_variant` outside the choices; `sam_rho` or `sam_asam_eta` not a finite
-            number >= 0 (booleans refused); `sam_renormalize` other than None/True/False, or False with `"ssam"`;
-            `sam_interval` not an integer >= 1; DeepSpeed; FSDP other than FSDP2 with `sam_sync_ascent=True`.
+            number >= 0 (booleans refused; a string that spells a number, as YAML gives `5e-2`, is converted first);
+            `sam_renormalize` other than None/True/False, or False with `"ssam"`; `sam_sync_ascent` or
+            `sam_replay_rng` not a bool (`"false"` and `None` refused); `sam_interval` not an integer >= 1;
+            DeepSpeed; FSDP other than FSDP2 with `sam_sync_ascent=True`.
     """
 
     sam_variant: str = field(

@@ -138,3 +138,57 @@ def test_yaml_numbers_in_exponent_notation(tmp_path):
     assert args.sam_rho == 0.05 and isinstance(args.sam_rho, float) and args.sam_asam_eta == 0.001
     with pytest.raises(ValueError, match=r"sam_rho='five' is invalid"):
         _args(sam_rho="five")
+
+
+@pytest.mark.parametrize("field_name", ["sam_sync_ascent", "sam_replay_rng"])
+@pytest.mark.parametrize("value", ["false", "true", None, 0, 1])
+def test_switches_accept_only_bools(field_name, value):
+    """`"false"` (and None, 0, 1) would silently act as a bool: refused at construction and when training starts."""
+    match = rf"{field_name}={value!r} is invalid; choose one of \[True, False\] \(a bool, not {type(value).__name__}\)"
+    with pytest.raises(ValueError, match=match):
+        _args(**{field_name: value})
+    args = _args()
+    setattr(args, field_name, value)  # set afterwards, as a hyperparameter search would
+    with pytest.raises(ValueError, match=match):
+        args.check_sam_settings()
+
+
+def test_switches_from_the_command_line_and_yaml_are_bools(tmp_path):
+    parser = HfArgumentParser(SSAMTrainingArguments)
+    for words, expected in (("false", False), ("true", True), ("False", False), ("yes", True), ("0", False)):
+        (args,) = parser.parse_args_into_dataclasses(
+            ["--output_dir", "o", "--sam_sync_ascent", words, "--sam_replay_rng", words]
+        )
+        assert args.sam_sync_ascent is expected and args.sam_replay_rng is expected
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("output_dir: o\nreport_to: none\nsam_sync_ascent: true\nsam_replay_rng: false\n")
+    (args,) = parser.parse_yaml_file(str(cfg))
+    assert args.sam_sync_ascent is True and args.sam_replay_rng is False
+    cfg.write_text("output_dir: o\nreport_to: none\nsam_replay_rng: 'false'\n")  # quoted: a string
+    with pytest.raises(ValueError, match=r"sam_replay_rng='false' is invalid; choose one of \[True, False\]"):
+        parser.parse_yaml_file(str(cfg))
+
+
+@pytest.mark.parametrize(
+    "given, kwargs, match",
+    [
+        ("full_shard", {}, r"^fsdp='full_shard' \(FSDP2\) with sam_sync_ascent=False is not supported"),
+        (["full_shard"], dict(sam_sync_ascent=True, fp16=True), r"^fsdp=\['full_shard'\] \(FSDP2\) with fp16=True"),
+        (
+            "full_shard auto_wrap",
+            dict(fsdp_config={"fsdp_version": 1}, sam_sync_ascent=True),
+            r"^fsdp='full_shard auto_wrap' with fsdp_version=1 is not supported",
+        ),
+    ],
+)
+def test_fsdp_refusal_quotes_the_value_as_given(given, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        _args(fsdp=given, **kwargs)
+
+
+def test_fsdp_refusal_at_train_time_quotes_the_value_as_given():
+    args = _args(fsdp="full_shard", fsdp_config={"fsdp_version": 2}, sam_sync_ascent=True, bf16=True)
+    assert args.fsdp != "full_shard"  # TrainingArguments converted it
+    args.sam_sync_ascent = False
+    with pytest.raises(ValueError, match=r"^fsdp='full_shard' \(FSDP2\) with sam_sync_ascent=False"):
+        args.check_sam_settings()
