@@ -39,7 +39,8 @@ class SSAMOptimizer(torch.optim.Optimizer):
         base_optimizer_cls: the optimizer that takes the step (e.g. `torch.optim.SGD`, `torch.optim.AdamW`).
             To wrap an optimizer that is already built, use `SSAMOptimizer.wrap`.
         variant: `"ssam"`, `"sam"`, `"usam"` or `"asam"` (see `SSAMTrainingArguments`).
-        rho: perturbation radius ρ ≥ 0.
+        rho: perturbation radius ρ ≥ 0, an int or float. A string is refused: unlike `SSAMTrainingArguments`,
+            which converts `sam_rho="5e-2"` from YAML or the command line, the optimizer converts nothing.
         renormalize: rescale g_asc to ‖g‖ (`γ = ‖g‖/‖g_asc‖`) before the base step; None means on for
             `"ssam"` only.
         asam_eta: ASAM's η ≥ 0.
@@ -55,7 +56,8 @@ class SSAMOptimizer(torch.optim.Optimizer):
 
     Raises:
         ValueError: a bad `variant`, `rho`, `renormalize`, `asam_eta`, `max_grad_norm`, `gamma_bounds` or
-            `scale_rho_by_gamma` (here or in a parameter group), or `variant="none"`.
+            `scale_rho_by_gamma`, or `variant="none"` (here or in a parameter group; groups added later with
+            `add_param_group`, or to the base optimizer, get the same checks).
         TypeError: `base_optimizer_cls` is not a `torch.optim.Optimizer` subclass.
 
     Two calls around your own backward passes:
@@ -186,8 +188,40 @@ class SSAMOptimizer(torch.optim.Optimizer):
         self.defaults.update(self.base_optimizer.defaults)
 
     def _check_groups(self) -> None:
-        for group in self.param_groups:  # settings given per parameter group get the same checks
-            check_sam_config(*(group[key] for key in SAM_GROUP_KEYS), prefix="")
+        """Check every parameter group's SAM settings, filling the ones a group lacks from the defaults."""
+        for index, group in enumerate(self.param_groups):  # settings given per parameter group get the same checks
+            for key in SAM_GROUP_KEYS:
+                group.setdefault(key, self.defaults[key])
+            _check_sam_settings(group, f"param_groups[{index}]: ")
+        self._checked_groups = list(self.param_groups)
+
+    def _check_new_groups(self) -> None:
+        """At each step: check groups added since the last check (e.g. to the base optimizer after `wrap`)."""
+        checked = self._checked_groups
+        if len(checked) != len(self.param_groups) or any(a is not b for a, b in zip(checked, self.param_groups)):
+            self._check_groups()
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a parameter group, as for any optimizer: to the base optimizer, whose groups these are.
+
+        SAM settings the group does not set (`variant`, `rho`, `renormalize`, `asam_eta`) come from the
+        defaults (the constructor's or `wrap`'s), and the group's settings get the constructor's checks. A group
+        added to the base optimizer itself (`optimizer.base_optimizer.add_param_group(...)`, as progressive
+        unfreezing may do after `wrap`) is filled and checked in the same way at the next step.
+
+        Raises:
+            ValueError: a bad SAM setting in the group (the message starts with the group's index).
+        """
+        if "base_optimizer" not in self.__dict__:  # torch.optim.Optimizer.__init__ collecting the first groups
+            super().add_param_group(param_group)
+            return
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}.")
+        settings = {key: param_group.get(key, self.defaults[key]) for key in SAM_GROUP_KEYS}
+        _check_sam_settings(settings, f"param_groups[{len(self.param_groups)}]: ")
+        param_group.update(settings)
+        self.base_optimizer.add_param_group(param_group)
+        self._check_new_groups()
 
     def _backup_buffer(self, p: Tensor) -> Tensor:
         buf = self._backup.get(p)
@@ -236,6 +270,7 @@ class SSAMOptimizer(torch.optim.Optimizer):
                 "first_step() called again before the step it began was finished (the weights are still at "
                 "w + e): call second_step(), step() or grad_scaler.step(optimizer) after the second backward."
             )
+        self._check_new_groups()
         inv_scale = amp.inverse_scale(grad_scaler)
         groups = self._groups_with_grads()
         if not groups:
@@ -299,6 +334,7 @@ class SSAMOptimizer(torch.optim.Optimizer):
             )
         self._pending = None
         functional.restore_(pending.params, [self._backup[p] for p in pending.params])  # w, exactly
+        self._check_new_groups()
         in_scaler_step = hasattr(self, "found_inf")  # set by GradScaler.step() around this call
         if pending.grad_scaler is not None and not in_scaler_step:
             raise RuntimeError(
@@ -425,15 +461,27 @@ def _checked_settings(
     scale_rho_by_gamma: bool,
 ) -> dict[str, Any]:
     """The SAM group settings, after every constructor argument was checked (a ValueError names a bad one)."""
-    check_sam_config(variant, rho, renormalize, asam_eta, prefix="")
+    settings = dict(variant=variant, rho=rho, renormalize=renormalize, asam_eta=asam_eta)
+    _check_sam_settings(settings)
     _check_max_grad_norm(max_grad_norm)
     _check_gamma_control(gamma_bounds, scale_rho_by_gamma, variant, renormalize)
-    if variant == NO_SAM:
+    return settings
+
+
+def _check_sam_settings(settings: dict[str, Any], where: str = "") -> None:
+    """The one check of a set of SAM settings: the constructor's keywords and every parameter group's.
+
+    `where` (e.g. ``"param_groups[2]: "``) starts the message of a parameter group's refusal.
+    """
+    try:
+        check_sam_config(*(settings[key] for key in SAM_GROUP_KEYS), prefix="")
+    except ValueError as error:
+        raise ValueError(f"{where}{error}") from None
+    if settings["variant"] == NO_SAM:
         raise ValueError(
-            f"variant={variant!r} is not supported by SSAMOptimizer; choose one of {list(VARIANTS)} "
-            "(use the base optimizer itself for plain training)."
+            f"{where}variant={settings['variant']!r} is not supported by SSAMOptimizer; choose one of "
+            f"{list(VARIANTS)} (use the base optimizer itself for plain training)."
         )
-    return dict(variant=variant, rho=rho, renormalize=renormalize, asam_eta=asam_eta)
 
 
 def _check_max_grad_norm(max_grad_norm: float | None) -> None:

@@ -298,3 +298,47 @@ def test_first_step_twice_is_refused():
     opt.first_step()
     with pytest.raises(RuntimeError, match=r"first_step\(\) called again.*w \+ e"):
         opt.first_step()
+
+
+BAD_GROUP_SETTINGS = [
+    ({"rho": -1.0}, r"param_groups\[1\]: rho=-1.0 is invalid; it must be a finite number >= 0"),
+    ({"variant": "SSAM"}, r"param_groups\[1\]: variant='SSAM' is not supported; choose one of \['ssam', 'sam'"),
+    ({"variant": "none"}, r"param_groups\[1\]: variant='none' is not supported by SSAMOptimizer.*\['ssam', 'sam'"),
+    ({"renormalize": 0}, r"param_groups\[1\]: renormalize=0 is invalid; choose one of \[None, True, False\]"),
+    ({"asam_eta": float("nan")}, r"param_groups\[1\]: asam_eta=nan is invalid; it must be a finite number >= 0"),
+    ({"rho": "0.1"}, r"param_groups\[1\]: rho='0.1' is invalid; .*>= 0 \(an int or float, not str\)"),
+]
+
+
+@pytest.mark.parametrize("settings, match", BAD_GROUP_SETTINGS)
+def test_bad_group_is_refused_by_the_constructor_and_by_add_param_group(settings, match):
+    w, b = nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(1))
+    with pytest.raises(ValueError, match=match):
+        SSAMOptimizer([{"params": [w]}, {"params": [b], **settings}], torch.optim.SGD, lr=0.1)
+    opt = SSAMOptimizer([w], torch.optim.SGD, lr=0.1)
+    with pytest.raises(ValueError, match=match):
+        opt.add_param_group({"params": [b], **settings})
+    assert len(opt.param_groups) == 1 and len(opt.base_optimizer.param_groups) == 1  # nothing was added
+
+
+def test_added_group_gets_the_default_settings_and_the_step_is_the_hand_computation():
+    theta, x, y = data()
+    model = LinReg(theta)
+    xt, yt = torch.tensor(x), torch.tensor(y)
+    opt = SSAMOptimizer([model.w], torch.optim.SGD, variant="sam", rho=0.2, renormalize=True, asam_eta=0.02, lr=LR)
+    opt.add_param_group({"params": [model.b]})  # e.g. a layer unfrozen later
+    assert opt.param_groups is opt.base_optimizer.param_groups and len(opt.param_groups) == 2
+    added = opt.param_groups[1]
+    assert (added["variant"], added["rho"], added["renormalize"], added["asam_eta"], added["lr"]) == (
+        "sam", 0.2, True, 0.02, LR
+    )  # fmt: skip
+    opt.step(lambda: _loss(model, xt, yt).backward())
+    g_sam, _ = sam_gradient("sam", theta, x, y, 0.2, True)  # one θ = (w, b): the norms span both groups
+    np.testing.assert_allclose(_theta(model), theta - LR * g_sam, rtol=0, atol=1e-10)
+
+
+def test_added_group_keeps_its_own_settings():
+    w, b = nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(1))
+    opt = SSAMOptimizer([w], torch.optim.SGD, rho=0.2, lr=0.1)
+    opt.add_param_group({"params": [b], "rho": 0.0, "variant": "usam", "lr": 0.3})
+    assert [(g["variant"], g["rho"], g["lr"]) for g in opt.param_groups] == [("ssam", 0.2, 0.1), ("usam", 0.0, 0.3)]

@@ -2,8 +2,10 @@
 
 import copy
 
+import numpy as np
 import pytest
 import torch
+from _reference import data, sam_gradient
 from torch import nn
 
 from hf_ssam import SSAMOptimizer
@@ -233,3 +235,32 @@ def test_wrap_refuses_an_ssam_optimizer_and_bad_settings():
         SSAMOptimizer.wrap(torch.optim.SGD([w], lr=0.1), rho=-1)
     with pytest.raises(ValueError, match=r"rho=-2"):
         SSAMOptimizer.wrap(torch.optim.SGD([{"params": [w], "rho": -2}], lr=0.1))
+
+
+def test_group_added_to_the_base_after_wrap_gets_the_default_settings_at_the_next_step():
+    """Progressive unfreezing: a group appended to the base optimizer takes wrap()'s settings in the SAM step."""
+    theta, x, y = data()
+    xt, yt = torch.tensor(x), torch.tensor(y)
+    w, b = nn.Parameter(torch.tensor(theta[:-1])), nn.Parameter(torch.tensor(theta[-1:]))
+    base = torch.optim.SGD([w], lr=0.1)
+    opt = SSAMOptimizer.wrap(base, variant="ssam", rho=0.2)
+    base.add_param_group({"params": [b]})  # no SAM keys: the base optimizer knows nothing of them
+    opt.step(lambda: ((xt @ w + b - yt) ** 2).mean().backward())
+    assert {key: base.param_groups[1][key] for key in ("variant", "rho", "renormalize", "asam_eta")} == dict(
+        variant="ssam", rho=0.2, renormalize=None, asam_eta=0.01
+    )
+    g_sam, (g_norm, _, gamma, _) = sam_gradient("ssam", theta, x, y, 0.2)  # e = ρ·g over θ = (w, b), then γ·g_asc
+    np.testing.assert_allclose(torch.cat([w, b]).detach().numpy(), theta - 0.1 * g_sam, rtol=0, atol=1e-10)
+    assert opt.last_metrics["grad_norm"] == pytest.approx(g_norm, abs=1e-10)
+    assert opt.last_metrics["gamma"] == pytest.approx(gamma, abs=1e-10)
+
+
+def test_bad_group_added_to_the_base_after_wrap_is_refused_at_the_next_step():
+    w, b = nn.Parameter(torch.ones(2)), nn.Parameter(torch.ones(1))
+    base = torch.optim.SGD([w], lr=0.1)
+    opt = SSAMOptimizer.wrap(base, rho=0.2)
+    base.add_param_group({"params": [b], "rho": -1.0})
+    (w.sum() + b.sum()).pow(2).backward()
+    with pytest.raises(ValueError, match=r"param_groups\[1\]: rho=-1.0 is invalid; it must be a finite number >= 0"):
+        opt.first_step()
+    assert torch.equal(w, torch.ones(2)) and torch.equal(b, torch.ones(1))  # refused before anything moved
