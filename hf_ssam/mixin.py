@@ -10,15 +10,16 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
-from . import functional
+from . import functional, normalization
 from .arguments import SSAMTrainingArguments, _fsdp_refusal, _SAMArgumentsMixin, sam_arguments
+from .normalization import LossKind
 from .optimizer import SSAMOptimizer
 from .passes import PreparedInputs, RNGState, batchnorm_modules, freeze_batchnorm_stats, leave_no_trace, shallow_copy
 from .reporting import CARD_HEADING, MetricsAccumulator, model_card_section
@@ -105,7 +106,10 @@ class SSAMMixin:
                 "(accelerate launch / torchrun); use sam_variant='none' for plain training."
             )
         self._check_fsdp()
-        self._sam_param_cache: tuple[Any, list[nn.Parameter]] | None = None
+        if self.optimizer is not None:
+            _refuse_group_sam_settings(self.optimizer)
+        self._sam_param_cache: tuple[Any, list[nn.Parameter], list[nn.Parameter]] | None = None
+        self._sam_loss_kind: tuple[nn.Module, LossKind] | None = None
         self._sam_bn_cache: tuple[nn.Module, list[nn.Module]] | None = None
         self._sam_backup: list[torch.Tensor] | None = None
         self._sam_metrics = MetricsAccumulator()
@@ -123,20 +127,24 @@ class SSAMMixin:
         if not args.sam_enabled or self.state.global_step % args.sam_interval != 0:
             return super().training_step(model, inputs, num_items_in_batch)
 
-        params = self._trainable_params()
-        stash = _take_grads(params)  # gradient of earlier micro-batches, set aside
+        params, others = self._sam_param_sets(model)
+        stash = _take_grads(params + others)  # gradient of earlier micro-batches, set aside
         rng = RNGState.capture() if args.sam_replay_rng else None
         k = self.current_gradient_accumulation_steps
 
         prepared = PreparedInputs(self)
         with self._pass_sync_context(model), prepared.capture():
             loss = super().training_step(model, shallow_copy(inputs), num_items_in_batch)  # g = ∇F(w)
+        plain = _take_grads(others)  # outside the SAM set: the plain gradient of this micro-batch, kept as is
 
         with torch.no_grad():
             with_grad = [p for p in params if p.grad is not None]
             grads = [p.grad for p in with_grad]
             grad_norm = functional.global_norm(grads)  # ‖g‖ (stored units)
-            grad_unscale = self._grad_unscale(model, inputs, num_items_in_batch, k, grad_norm)  # g = stored · u
+            kind = self._loss_kind(model, inputs, prepared, num_items_in_batch)
+            grad_unscale = normalization.grad_unscale(
+                self, kind, inputs, num_items_in_batch, k, self._loss_scale(), grad_norm, self._synced_ascent(model)
+            )  # g = stored · u
             scale = functional.perturbation_scale(
                 args.sam_variant,
                 args.sam_rho,
@@ -177,9 +185,12 @@ class SSAMMixin:
             renormalize = functional.uses_renormalization(args.sam_variant, args.sam_renormalize)
             if renormalize:
                 functional.rescale_(ascent_grads, gamma)  # g_asc ← γ·g_asc
-            _give_back_grads(params, stash)  # + earlier micro-batches
+            for p in others:
+                p.grad = None  # the second pass's gradient of a parameter outside the SAM set is dropped
+            _give_back_grads(others, plain)  # ... it keeps the plain gradient of the first pass
+            _give_back_grads(params + others, stash)  # + earlier micro-batches
             if not args.sam_sync_ascent and self.accelerator.sync_gradients and _is_ddp(model):
-                self._all_reduce_grads(params)
+                self._all_reduce_grads(params + [p for p in others if p.grad is not None])
             skipped = ~valid | rescale_skipped if renormalize else ~valid
             self._sam_metrics.add(
                 grad_norm * grad_unscale, ascent_grad_norm * grad_unscale, gamma, ascent_loss, skipped, k
@@ -197,20 +208,43 @@ class SSAMMixin:
             if refusal:
                 raise ValueError(refusal)
 
-    def _trainable_params(self) -> list[nn.Parameter]:
-        """The parameters the optimizer updates and that require a gradient, each once (cached)."""
+    def _sam_param_sets(self, model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """The SAM set and the rest: parameters that require a gradient, read at every step (gradual unfreezing).
+
+        The SAM set is what the optimizer updates (each parameter once) and is perturbed; the rest of the model's
+        parameters keep the plain gradient of the first pass, as in training without SAM.
+        """
         optimizer = self.optimizer
-        if self._sam_param_cache is None or self._sam_param_cache[0] is not optimizer:
+        key = (optimizer, model, tuple(len(group["params"]) for group in optimizer.param_groups))
+        cache = self._sam_param_cache
+        if cache is None or cache[0][0] is not optimizer or cache[0][1] is not model or cache[0][2] != key[2]:
+            _refuse_group_sam_settings(optimizer)
             seen: set[int] = set()
-            params = []
+            updated = []
             for group in optimizer.param_groups:
                 for p in group["params"]:
-                    if p.requires_grad and id(p) not in seen:
+                    if id(p) not in seen:
                         seen.add(id(p))
-                        params.append(p)
-            self._sam_param_cache = (optimizer, params)
-            self._sam_backup = None
-        return self._sam_param_cache[1]
+                        updated.append(p)
+            rest = [p for p in dict.fromkeys(model.parameters()) if id(p) not in seen]
+            cache = self._sam_param_cache = (key, updated, rest)
+        return [p for p in cache[1] if p.requires_grad], [p for p in cache[2] if p.requires_grad]
+
+    def _loss_kind(self, model: nn.Module, inputs: Any, prepared: PreparedInputs, num_items_in_batch: Any) -> LossKind:
+        """How the loss is normalized: from the trainer's flags, or measured once per model (`probe_loss`)."""
+        trusted = normalization.trusted_loss_kind(self, num_items_in_batch)
+        if trusted is not None:
+            return trusted
+        if self._sam_loss_kind is None or self._sam_loss_kind[0] is not self.model:
+            batch = prepared.inputs if prepared.captured else self._prepare_inputs(shallow_copy(inputs))
+            kind = normalization.probe_loss(self, model, batch, num_items_in_batch, self._batchnorm_layers(model))
+            normalization.report(self, model, kind)
+            self._sam_loss_kind = (self.model, kind)
+        return self._sam_loss_kind[1]
+
+    def _synced_ascent(self, model: nn.Module) -> bool:
+        """Whether the first pass's gradient is averaged over processes (synchronized ascent, DDP or FSDP2)."""
+        return self.args.sam_sync_ascent and (_is_ddp(model) or _is_fsdp2(model))
 
     def _backup_buffers(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
         """Buffers for the saved weights, allocated once and reused (re-made if the set of params changes)."""
@@ -223,46 +257,6 @@ class SSAMMixin:
         if self._sam_bn_cache is None or self._sam_bn_cache[0] is not model:
             self._sam_bn_cache = (model, batchnorm_modules(model))
         return self._sam_bn_cache[1]
-
-    def _grad_unscale(
-        self, model: nn.Module, inputs: Any, num_items_in_batch: Any, k: int, like: torch.Tensor
-    ) -> torch.Tensor:
-        """The factor ``u`` with ``g = u · stored gradient``, g the gradient of this micro-batch's own mean loss.
-
-        ``g`` is what one process without accumulation computes on the micro-batch, so ρ keeps its meaning.
-        The Trainer stores ``loss_scale · ∇L/k`` for a per-micro-batch mean loss, and
-        ``loss_scale · W · ∇S_i/N`` when it normalizes by tokens (``num_items_in_batch``): ``S_i`` the summed loss
-        of the micro-batch's ``n_i`` items, ``N`` the items of the accumulated batch (of all processes when
-        ``average_tokens_across_devices``, then ``W`` = the number of processes). The items are counted as
-        `Trainer` counts them.
-        """
-        loss_scale = self._loss_scale()
-        scaled_for_ga = getattr(self, "loss_is_scaled_for_ga", None)
-        if scaled_for_ga is None:
-            scaled_for_ga = (
-                self.model_accepts_loss_kwargs and num_items_in_batch is not None
-            ) or self.compute_loss_func is not None
-        if not scaled_for_ga:
-            return like.new_tensor(k) / loss_scale  # stored = loss_scale · g / k
-        n_i = _count_items(inputs, getattr(self, "_loss_shifts_labels", False))
-        if num_items_in_batch is None or n_i is None:
-            return like.new_tensor(1.0) / loss_scale  # a loss normalized by its own compute_loss: used as is
-        total = torch.as_tensor(num_items_in_batch).to(like.device, like.dtype).reshape(())  # N
-        n_i = n_i.to(like.device, like.dtype)
-        across = self.args.average_tokens_across_devices and (
-            self.model_accepts_loss_kwargs or self.compute_loss_func is not None
-        )
-        world = self.accelerator.num_processes // self.get_tp_size() if across else 1  # W
-        if self.args.sam_sync_ascent and (_is_ddp(model) or _is_fsdp2(model)):
-            # The first pass averages ∇(W·S_r/N) over the processes (DDP's all-reduce, FSDP's reduce-scatter): g is
-            # the gradient of the global micro-batch mean, Σ_r ∇S_r / Σ_r n_r. Without token averaging each process
-            # divides by its own N_r, and Σ_r N_r / Σ_r n_r is exact when every process's micro-batch holds the same
-            # share of its tokens.
-            counts = self.accelerator.reduce(torch.stack([n_i, total]), reduction="sum")
-            n_i, total, world = counts[0], (total if across else counts[1]), 1
-        factor = total / (n_i * world)  # g = stored · N / (n_i · W)
-        factor = torch.where(n_i > 0, factor, torch.ones_like(factor))  # no items: the gradient is zero anyway
-        return factor / loss_scale
 
     def _loss_scaled(self) -> bool:
         scaler = getattr(self.accelerator, "scaler", None)
@@ -346,20 +340,6 @@ class SSAMMixin:
         super().log(logs, *args, **kwargs)
 
 
-def _count_items(inputs: Any, shifts_labels: bool) -> torch.Tensor | None:
-    """The label items of one micro-batch, counted like `Trainer._get_num_items_in_batch` (without its gather)."""
-    if not isinstance(inputs, Mapping) or "labels" not in inputs:
-        return None
-    if "shift_labels" in inputs:
-        labels = inputs["shift_labels"]
-    else:
-        labels = inputs["labels"][..., 1:] if shifts_labels else inputs["labels"]
-    try:
-        return labels.ne(-100).sum()
-    except (TypeError, AttributeError):
-        return None
-
-
 def _promote(args: TrainingArguments) -> TrainingArguments:
     """`args` with the `sam_*` fields (at their defaults), keeping its own class's fields: `sam_arguments(type)`."""
     if isinstance(args, _SAMArgumentsMixin):
@@ -375,6 +355,25 @@ def _refuse_online_rl(cls: type) -> None:
             "preparing each step's inputs; SSAMMixin supports trainers whose step is a fixed function of a fixed "
             "batch (Trainer, SFTTrainer, DPOTrainer, Seq2SeqTrainer, SentenceTransformerTrainer, ...)."
         )
+
+
+#: Parameter-group keys of `SSAMOptimizer`; a base optimizer's group holding one it does not define asks for a
+#: per-group SAM setting, which the Trainer does not take (one `sam_*` setting for every parameter).
+_SAM_GROUP_KEYS = ("variant", "rho", "renormalize", "asam_eta")
+
+
+def _refuse_group_sam_settings(optimizer: torch.optim.Optimizer) -> None:
+    defaults = getattr(optimizer, "defaults", {})
+    for index, group in enumerate(optimizer.param_groups):
+        keys = [key for key in _SAM_GROUP_KEYS if key in group and key not in defaults]
+        if keys:
+            raise ValueError(
+                f"The optimizer's parameter group {index} sets {', '.join(f'{k}={group[k]!r}' for k in keys)}: "
+                "SSAMTrainer and SSAMMixin take one SAM setting for every parameter, from the sam_* arguments "
+                "(sam_rho, sam_variant, ...), and do not read per-group SAM settings. Remove the key (set sam_rho "
+                "instead), or use SSAMOptimizer in a plain loop for per-group settings. Keys of the base optimizer "
+                "itself (Adadelta's rho) are not affected."
+            )
 
 
 def _is_ddp(model: nn.Module) -> bool:

@@ -11,7 +11,8 @@ counters that `compute_loss` records are those of the first pass only, and the b
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import copy
+from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -171,5 +172,7 @@ class PreparedInputs:
 
 
 def shallow_copy(inputs: Any) -> Any:
-    """A fresh mapping per pass, so a `compute_loss` that pops keys (e.g. `labels`) cannot starve the other."""
-    return type(inputs)(inputs) if isinstance(inputs, dict) else inputs
+    """A fresh mapping per pass, of the same type, so a `compute_loss` that pops keys (e.g. `labels`) cannot starve
+    the other pass: any mutable mapping (`dict`, a `transformers.BatchEncoding`, a `UserDict`) is copied with its
+    attributes; its values (the tensors) are shared."""
+    return copy.copy(inputs) if isinstance(inputs, MutableMapping) else inputs

@@ -176,6 +176,8 @@ def build(out: str, spec: dict, **overrides) -> tuple[Counted, list]:
         lambda m, a, kw: seen.append((kw["x"].detach().clone(), kw["labels"].detach().clone())), with_kwargs=True
     )
     trainer = Counted(model=model, args=make_args(out, spec, **overrides), train_dataset=Regression(spec.get("token")))
+    if spec.get("token"):  # the loss divides by num_items_in_batch, declared: no loss probe (its forwards and sync)
+        trainer.loss_is_scaled_for_ga = True
     trainer.comms = []
     return trainer, seen
 

@@ -55,7 +55,8 @@ class Capture:
             calls: list = []  # on the class: the trainer's own attributes are put back after the second pass
 
             def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-                type(self).calls.append((copy.copy(inputs), num_items_in_batch))
+                if torch.is_grad_enabled():  # the two passes, not the once-per-run loss probe (under no_grad)
+                    type(self).calls.append((copy.copy(inputs), num_items_in_batch))
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
         return Captured
@@ -248,7 +249,7 @@ def test_lora_through_sft_perturbs_and_updates_only_the_adapter(tmp_path):
     assert adapter and all("lora_" in n for n in adapter)
     seen_base = []
     peft_model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.register_forward_pre_hook(
-        lambda m, a: seen_base.append(m.weight.detach().clone())
+        lambda m, a: seen_base.append(m.weight.clone()) if torch.is_grad_enabled() else None  # not the probe
     )
     trainer.train()
     assert len(seen_base) == 4 and all(torch.equal(w, seen_base[0]) for w in seen_base)  # never perturbed
@@ -412,7 +413,9 @@ def test_inputs_are_prepared_once_per_micro_batch(tmp_path):
 
     seen = []
     model = tiny_lm()
-    model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["labels"].clone()), with_kwargs=True)
+    model.register_forward_pre_hook(  # the passes, not the once-per-run loss probe (under no_grad)
+        lambda m, a, kw: seen.append(kw["labels"].clone()) if torch.is_grad_enabled() else None, with_kwargs=True
+    )
     args = SSAMTrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2,
                                  gradient_accumulation_steps=2, **COMMON)  # fmt: skip
     trainer = Generating(model=model, args=args, train_dataset=Sequences([5, 9, 12, 3, 7, 8, 2, 16]))

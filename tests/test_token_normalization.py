@@ -55,9 +55,12 @@ def test_accumulation_with_unequal_token_counts(tmp_path, kind, k, variant):
 
     micro = [[(torch.stack([data[i]["input_ids"], data[i + 1]["input_ids"]]),
                torch.stack([data[i]["labels"], data[i + 1]["labels"]]))] for i in range(0, 2 * k, 2)]  # fmt: skip
+    # The descent step is the Trainer's: Σ_i ∇S_i / N, with N counted as the Trainer counts (GPT-2: unshifted).
+    # ρ is in units of each micro-batch's own mean loss gradient ∇S_i / n_i, n_i the tokens the loss averages over:
+    # shifted for both models (GPT-2's loss shifts its labels although the Trainer counts them unshifted).
     total = sum(label_tokens(lab, shifted) for [(_, lab)] in micro)
-    coefs = [label_tokens(lab, shifted) / total for [(_, lab)] in micro]  # the Trainer's token-weighted mean
-    grad, norms = hand_sam_gradient(reference, micro, coefs, variant, RHO, shifted)
+    coefs = [label_tokens(lab, True) / total for [(_, lab)] in micro]
+    grad, norms = hand_sam_gradient(reference, micro, coefs, variant, RHO, shifted=True)
     expected = torch.cat([(p.detach() - LR * g).reshape(-1) for p, g in zip(reference.parameters(), grad)])
     assert len({c for c in coefs}) > 1  # the micro-batches really differ
     torch.testing.assert_close(_flat(model), expected, rtol=0, atol=1e-7)

@@ -38,8 +38,10 @@ def run(out: str, spec: dict, lengths: list[int], lr: float, rho: float) -> None
     )  # fmt: skip
     model = tiny_lm()
     seen = []
-    model.register_forward_pre_hook(
-        lambda m, a, kw: seen.append((kw["input_ids"].detach().clone(), kw["labels"].detach().clone())),
+    model.register_forward_pre_hook(  # the passes, not the once-per-run loss probe (which runs under no_grad)
+        lambda m, a, kw: (
+            seen.append((kw["input_ids"].clone(), kw["labels"].clone())) if torch.is_grad_enabled() else None
+        ),
         with_kwargs=True,
     )
     opt = torch.optim.SGD(model.parameters(), lr=lr)
