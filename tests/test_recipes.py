@@ -7,6 +7,7 @@ their accuracy are documented in ``docs/recipes.md``.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import runpy
@@ -368,23 +369,98 @@ def test_demo_quick_runs_the_whole_pipeline(tmp_path: Path) -> None:
         assert math.isfinite(run["hessian_top"]) and run["hessian_top"] > 0  # measured by the callback
         assert sum(demo.EIGEN_KEY in row for row in run["log_history"]) == 2  # at each of the 2 evaluations
         assert any("sam/gamma" in row for row in run["log_history"]) == (run["variant"] != "none")
-    table = (tmp_path / "results.md").read_text()
-    assert all(f"| {lr:g} | {v} |" in table for lr in (demo.BASE_LR, demo.LARGE_LR) for v in demo.VARIANTS)
+    report = (tmp_path / "results.md").read_text()
+    header, separator, *rows = out["table"].splitlines()
+    assert out["table"] in report and separator == "|" + "---|" * 11
+    for column in ("mean ± 95 % CI", "Δ accuracy vs none, paired ± 95 % CI", "paired t p", "(sign test p)"):
+        assert column in header
+    assert [row.split(" | ")[:2] for row in rows] == [
+        [f"| {lr:g}", v] for lr in (demo.BASE_LR, demo.LARGE_LR) for v in demo.VARIANTS
+    ]
+    for row in rows:  # none is the baseline; the others are paired with it over the 2 seeds
+        cells = row.split(" | ")
+        assert (cells[3:6] == ["—"] * 3) == (cells[1] == "none") and cells[5].startswith(("—", "0/2", "1/2", "2/2"))
+    assert out["pairs"] and all(line in report for line in out["pairs"])  # ssam - sam at each learning rate
+    saved = json.loads((tmp_path / "runs.json").read_text())
+    assert [r["accuracy"] for r in saved] == [r["accuracy"] for r in runs] and "log_history" not in saved[0]
     assert (tmp_path / "demo.png").stat().st_size > 10_000
 
 
-def test_demo_summary_is_mean_and_std_over_seeds() -> None:
-    def run(seed: int, accuracy: float, loss: float) -> dict:
-        return {"lr": 0.1, "variant": "ssam", "seed": seed, "accuracy": accuracy, "train_loss": loss,
-                "hessian_top": 2.0 * (seed + 1), "sam_sharpness": 0.01, "wall_time_s": 3.0,
-                "collapsed": not loss < demo.COLLAPSED_LOSS}  # fmt: skip
+def _demo_run(lr: float, variant: str, seed: int, accuracy: float, loss: float = 0.5, eigen: float = 2.0) -> dict:
+    return {"lr": lr, "variant": variant, "seed": seed, "accuracy": accuracy, "train_loss": loss,
+            "hessian_top": eigen, "sam_sharpness": 0.01, "wall_time_s": 3.0,
+            "collapsed": not loss < demo.COLLAPSED_LOSS}  # fmt: skip
 
-    rows = demo.summarize([run(0, 0.80, 0.5), run(1, 0.90, 0.7), run(2, 0.10, float("nan"))])
-    # accuracy 80, 90, 10 -> mean 60, sample std 43.6; loss: the finite 0.5, 0.7 -> 0.6 ± 0.14; eigenvalues 2, 4, 6
-    expected = {"lr": 0.1, "variant": "ssam", "accuracy": "60 ± 44", "train_loss": "0.6 ± 0.14",
-                "hessian_top": "4 ± 2", "sam_sharpness": "0.01 ± 0", "collapsed": "1/3", "time": "3.0"}  # fmt: skip
-    assert rows == [expected]
-    assert "| 0.1 | ssam | 60 ± 44 | 0.6 ± 0.14 | 4 ± 2 | 0.01 ± 0 | 1/3 | 3.0 |" in demo.format_table(rows)
+
+def test_demo_t_distribution_matches_closed_forms_and_tables() -> None:
+    for t in (0.1, 1.0, 4.3, 30.0):  # df 1 (Cauchy) and df 2 have closed forms
+        assert demo.t_two_sided_p(t, 1) == pytest.approx(1 - 2 / math.pi * math.atan(t), rel=1e-12)
+        assert demo.t_two_sided_p(t, 2) == pytest.approx(1 - t / math.sqrt(2 + t * t), rel=1e-12)
+    assert demo.t_quantile(0.95, 1) == pytest.approx(math.tan(0.475 * math.pi), rel=1e-9)  # 12.706
+    assert demo.t_quantile(0.95, 2) == pytest.approx(0.95 * math.sqrt(2 / (1 - 0.95**2)), rel=1e-9)  # 4.303
+    table = {4: 2.776445, 9: 2.262157, 19: 2.093024, 29: 2.045230}  # two-sided 95 %, printed t tables
+    assert {df: round(demo.t_quantile(0.95, df), 6) for df in table} == table
+    assert demo.t_quantile(0.95, 10**6) == pytest.approx(1.959964, abs=1e-5)  # the normal limit
+    assert demo.t_quantile(0.99, 9) == pytest.approx(3.249836, abs=1e-6)
+    assert demo.t_two_sided_p(0.0, 5) == 1.0 and demo.t_two_sided_p(math.inf, 5) == 0.0
+
+
+def test_demo_confidence_interval_and_paired_tests_match_a_hand_computation() -> None:
+    # 1..5: mean 3, sample std sqrt(2.5), standard error sqrt(0.5); t(0.975, 4) = 2.776445 -> half-width 1.963243
+    assert demo.mean_ci([1, 2, 3, 4, 5, math.nan]) == pytest.approx((3.0, 2.776445 * math.sqrt(0.5)), rel=1e-6)
+    assert demo.mean_ci([7.0])[0] == 7.0 and math.isnan(demo.mean_ci([7.0])[1])
+    # differences 1, 2, 0, 2, 2: mean 1.4, std sqrt(0.8), standard error 0.4, t = 3.5 on 4 degrees of freedom
+    paired = demo.paired_difference(dict(enumerate([1, 2, 3, 4, 5])), dict(enumerate([2, 4, 3, 6, 7, 99])))
+    assert paired.n == 5 and paired.mean == pytest.approx(1.4) and paired.higher == 4
+    assert paired.half_width == pytest.approx(2.776445 * 0.4, rel=1e-6)
+    assert paired.t_p == pytest.approx(0.0248962, rel=1e-5)  # the paired t-test's two-sided p, t = 3.5, df 4
+    assert paired.sign_p == 0.125  # 4 of 4 non-tied differences positive: 2 / 2**4
+    assert demo.sign_test_p([1, -1] + [1] * 8) == pytest.approx(2 * 11 / 1024)  # 9 of 10: 2 (1 + 10) / 2**10
+    assert demo.sign_test_p([0.0, 0.0]) == 1.0
+
+
+def test_demo_summary_is_mean_ci_and_paired_comparison_over_seeds() -> None:
+    runs = [_demo_run(0.1, "none", s, a) for s, a in enumerate((0.80, 0.82, 0.84))]
+    runs += [_demo_run(0.1, "ssam", s, a, loss, eigen=2.0 * (s + 1))
+             for s, (a, loss) in enumerate(((0.83, 0.4), (0.84, 0.6), (0.88, math.nan)))]  # fmt: skip
+    rows = demo.summarize(runs)
+    # none: 80, 82, 84 -> mean 82, std 2, half-width t(0.975, 2) 4.302653 * 2 / sqrt 3 = 4.97
+    # ssam: 83, 84, 88 -> mean 85, std sqrt 7 -> 6.57; differences 3, 2, 4 -> +3, std 1 -> 2.48;
+    # t = 3 sqrt 3 = 5.196 on 2 degrees of freedom -> p = 1 - t / sqrt(2 + t^2) = 0.035; 3 of 3 above: sign p 0.25
+    assert [row["accuracy"] for row in rows] == ["82 ± 5", "85 ± 6.6"]
+    assert rows[1]["vs_baseline"] == "+3 ± 2.5" and rows[1]["t_p"] == "0.035" and rows[1]["higher"] == "3/3 (0.25)"
+    assert rows[0]["vs_baseline"] == rows[0]["t_p"] == rows[0]["higher"] == "—"
+    assert rows[1]["train_loss"] == "0.5 ± 1.3" and rows[1]["collapsed"] == "1/3"  # finite 0.4, 0.6: 12.7 * 0.1
+    assert rows[1]["hessian_top"] == "4 ± 5"  # 2, 4, 6: std 2 -> 4.97
+    assert "| 0.1 | ssam | 85 ± 6.6 | +3 ± 2.5 | 0.035 | 3/3 (0.25) | 0.5 ± 1.3 | 4 ± 5 | 0.01 ± 0 | 1/3 | 3.0 |" in (
+        demo.format_table(rows)
+    )
+    runs += [_demo_run(0.1, "sam", s, a) for s, a in enumerate((0.81, 0.84, 0.86))]  # ssam - sam: 2, 0, 2
+    assert demo.pairwise_lines(runs) == [
+        "lr 0.1: sam − ssam = -1.33 ± 2.9 points (95 % CI, paired t p 0.18; sam above on 0/3 seeds, sign test p 0.5)"
+    ]
+
+
+def test_demo_compare_reports_how_far_each_cell_mean_moved() -> None:
+    here = [_demo_run(0.2, "none", s, a) for s, a in enumerate((0.80, 0.70, 0.90))]
+    there = [_demo_run(0.2, "none", s, a) for s, a in enumerate((0.80, 0.76, 0.90, 0.10))]  # seed 3: not here
+    assert demo.compare_runs(here, there) == [
+        "lr 0.2 none : mean 80.00 here, 82.00 there, shift -2.00; median per-seed |difference| 0.00; "
+        "identical on 2/3 seeds"
+    ]
+
+
+def test_demo_weight_jitter_is_rounding_sized_and_fixed_by_the_seed() -> None:
+    torch.manual_seed(0)
+    model = demo.DigitsMLP(8)
+    before = [p.detach().clone() for p in model.parameters()]
+    demo.jitter_weights(model, 1e-6, seed=3)
+    ratios = torch.cat([(p.detach() / b).flatten() - 1 for p, b in zip(model.parameters(), before)])
+    assert 0 < ratios.abs().max() < 1e-5 and ratios.std() == pytest.approx(1e-6, rel=0.2)
+    again = demo.DigitsMLP(8)
+    again.load_state_dict(dict(zip(dict(model.named_parameters()), before)))
+    demo.jitter_weights(again, 1e-6, seed=3)
+    assert all(torch.equal(a, b) for a, b in zip(again.parameters(), model.parameters()))
 
 
 def test_demo_label_noise_flips_a_fixed_fifth_of_the_training_labels_only() -> None:
