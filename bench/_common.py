@@ -215,7 +215,8 @@ def rowwise_sam_direction(
     (rows, 1, bool) applies SSAM's ``g_asc ← γ·g_asc``, with γ clipped to ``gamma_bounds`` if given.
     ``rho_factor`` (rows, 1) multiplies ρ (``functional.rho_scaled_by_gamma``). Returns the direction the
     SGD base step takes and the measured, unclipped γ = ‖g‖/‖g_asc‖ per row. Built from the package's
-    ``hf_ssam.functional`` pieces; the scripts compare it with ``SSAMOptimizer`` before using it.
+    ``hf_ssam.functional`` pieces; the scripts compare it with ``SSAMOptimizer`` (and ``gamma_control.py`` with its
+    ``GammaControlledSAM`` for the γ controls) before using it.
     """
     import torch
 

@@ -46,18 +46,12 @@ class SSAMOptimizer(torch.optim.Optimizer):
         asam_eta: ASAM's η ≥ 0.
         max_grad_norm: clip the final gradient (after the rescale, unscaled) to this global L2 norm before the
             base step, as `SSAMTrainer` clips with `max_grad_norm`; None (default) does not clip.
-        gamma_bounds: experimental; `(γ_min, γ_max)` with 0 < γ_min ≤ 1 ≤ γ_max: the renormalization uses
-            γ clipped to these bounds (`functional.clip_renormalization_factor`). Needs renormalization.
-            `last_metrics["gamma"]` stays the measured, unclipped γ.
-        scale_rho_by_gamma: experimental; climb with ρ_t = ρ·γ_{t−1}, γ_{t−1} = ‖g‖/‖g_asc‖ of the previous
-            step (`functional.rho_scaled_by_gamma`); ρ at the first step. The last γ is not saved in
-            `state_dict()`: a resumed run starts again from ρ.
         **base_kwargs: passed to `base_optimizer_cls` (lr, momentum, weight_decay, …).
 
     Raises:
-        ValueError: a bad `variant`, `rho`, `renormalize`, `asam_eta`, `max_grad_norm`, `gamma_bounds` or
-            `scale_rho_by_gamma`, or `variant="none"` (here or in a parameter group; groups added later with
-            `add_param_group`, or to the base optimizer, get the same checks).
+        ValueError: a bad `variant`, `rho`, `renormalize`, `asam_eta` or `max_grad_norm`, or `variant="none"`
+            (here or in a parameter group; groups added later with `add_param_group`, or to the base optimizer,
+            get the same checks).
         TypeError: `base_optimizer_cls` is not a `torch.optim.Optimizer` subclass.
 
     Two calls around your own backward passes:
@@ -102,11 +96,9 @@ class SSAMOptimizer(torch.optim.Optimizer):
         renormalize: bool | None = None,
         asam_eta: float = 0.01,
         max_grad_norm: float | None = None,
-        gamma_bounds: tuple[float, float] | None = None,
-        scale_rho_by_gamma: bool = False,
         **base_kwargs: Any,
     ) -> None:
-        sam = _checked_settings(variant, rho, renormalize, asam_eta, max_grad_norm, gamma_bounds, scale_rho_by_gamma)
+        sam = _checked_settings(variant, rho, renormalize, asam_eta, max_grad_norm)
         if not (isinstance(base_optimizer_cls, type) and issubclass(base_optimizer_cls, torch.optim.Optimizer)):
             if isinstance(base_optimizer_cls, torch.optim.Optimizer):
                 got = f"a built {type(base_optimizer_cls).__name__} instance"
@@ -117,9 +109,7 @@ class SSAMOptimizer(torch.optim.Optimizer):
                 f"base_optimizer_cls={got} is not a torch.optim.Optimizer subclass (e.g. torch.optim.AdamW){hint}."
             )
         super().__init__(params, {**sam, **base_kwargs})
-        self._adopt(
-            base_optimizer_cls(self.param_groups, **base_kwargs), max_grad_norm, gamma_bounds, scale_rho_by_gamma
-        )
+        self._adopt(base_optimizer_cls(self.param_groups, **base_kwargs), max_grad_norm)
 
     @classmethod
     def wrap(
@@ -131,8 +121,6 @@ class SSAMOptimizer(torch.optim.Optimizer):
         renormalize: bool | None = None,
         asam_eta: float = 0.01,
         max_grad_norm: float | None = None,
-        gamma_bounds: tuple[float, float] | None = None,
-        scale_rho_by_gamma: bool = False,
     ) -> SSAMOptimizer:
         """The SAM optimizer over an optimizer that is already built, sharing its parameter groups and state.
 
@@ -156,25 +144,16 @@ class SSAMOptimizer(torch.optim.Optimizer):
                 f"torch.optim.AdamW(model.parameters()) or timm's create_optimizer_v2(model, ...)); got "
                 f"{type(base_optimizer).__name__}: {what[:120]}{hint}."
             )
-        sam = _checked_settings(variant, rho, renormalize, asam_eta, max_grad_norm, gamma_bounds, scale_rho_by_gamma)
+        sam = _checked_settings(variant, rho, renormalize, asam_eta, max_grad_norm)
         self = cls.__new__(cls)
         # The base optimizer's own group dicts: the SAM keys are filled in where a group does not set them.
         torch.optim.Optimizer.__init__(self, base_optimizer.param_groups, sam)
-        self._adopt(base_optimizer, max_grad_norm, gamma_bounds, scale_rho_by_gamma)
+        self._adopt(base_optimizer, max_grad_norm)
         return self
 
-    def _adopt(
-        self,
-        base_optimizer: torch.optim.Optimizer,
-        max_grad_norm: float | None,
-        gamma_bounds: tuple[float, float] | None,
-        scale_rho_by_gamma: bool,
-    ) -> None:
+    def _adopt(self, base_optimizer: torch.optim.Optimizer, max_grad_norm: float | None) -> None:
         self.base_optimizer = base_optimizer
         self.max_grad_norm = max_grad_norm
-        self._gamma_bounds = None if gamma_bounds is None else (float(gamma_bounds[0]), float(gamma_bounds[1]))
-        self._scale_rho_by_gamma = scale_rho_by_gamma
-        self._previous_gamma: Tensor | None = None  # γ_{t−1}, for scale_rho_by_gamma
         self._link_base()
         self._check_groups()
         self._backup: dict[Tensor, Tensor] = {}  # saved w, one buffer per parameter, reused every step
@@ -289,9 +268,6 @@ class SSAMOptimizer(torch.optim.Optimizer):
             if inv_scale is not None and functional.PERTURBATIONS[variant] == "usam":
                 scale = scale * inv_scale  # e = ρ·g = ρ·.grad/scale (sam's and asam's scales do not depend on it)
             scales.append(torch.where(perturb & torch.isfinite(scale), scale, 0.0))
-        if self._scale_rho_by_gamma:  # ρ_t = ρ·γ_{t−1}
-            factor = functional.rho_scaled_by_gamma(1.0, self._previous_gamma).to(stored_norm.device)
-            scales = [scale * factor for scale in scales]
         functional.save_([self._backup_buffer(p) for p in params], params)  # w
         if not zero_grad:
             grads = [g.clone() for g in grads]  # .grad stays g
@@ -360,16 +336,11 @@ class SSAMOptimizer(torch.optim.Optimizer):
         gamma, rescale_skipped = functional.renormalization_factor(
             pending.grad_norm, ascent_grad_norm
         )  # γ = ‖g‖/‖g_asc‖
-        if self._scale_rho_by_gamma:
-            self._previous_gamma = gamma
-        applied = (
-            gamma if self._gamma_bounds is None else functional.clip_renormalization_factor(gamma, *self._gamma_bounds)
-        )
         skipped = pending.perturb_skipped
         for (group, _), group_grads in zip(groups, grads_per_group):
             if functional.uses_renormalization(group["variant"], group["renormalize"]):
                 skipped = pending.perturb_skipped | rescale_skipped
-                functional.rescale_(group_grads, applied)  # g_asc ← γ·g_asc (γ clipped to [γ_min, γ_max] if bounded)
+                functional.rescale_(group_grads, gamma)  # g_asc ← γ·g_asc
         if self.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_([p for _, ps in groups for p in ps], self.max_grad_norm)  # the final g
         if in_scaler_step:
@@ -457,14 +428,11 @@ def _checked_settings(
     renormalize: bool | None,
     asam_eta: float,
     max_grad_norm: float | None,
-    gamma_bounds: tuple[float, float] | None,
-    scale_rho_by_gamma: bool,
 ) -> dict[str, Any]:
     """The SAM group settings, after every constructor argument was checked (a ValueError names a bad one)."""
     settings = dict(variant=variant, rho=rho, renormalize=renormalize, asam_eta=asam_eta)
     _check_sam_settings(settings)
     _check_max_grad_norm(max_grad_norm)
-    _check_gamma_control(gamma_bounds, scale_rho_by_gamma, variant, renormalize)
     return settings
 
 
@@ -492,20 +460,3 @@ def _check_max_grad_norm(max_grad_norm: float | None) -> None:
         raise ValueError(
             f"max_grad_norm={max_grad_norm!r} is invalid; it must be None (no clipping) or a finite number > 0."
         )
-
-
-def _check_gamma_control(
-    gamma_bounds: tuple[float, float] | None, scale_rho_by_gamma: bool, variant: str, renormalize: bool | None
-) -> None:
-    """Refuse bad γ-control options with a ValueError naming the field and the allowed values."""
-    if gamma_bounds is not None:
-        if not isinstance(gamma_bounds, (tuple, list)) or len(gamma_bounds) != 2:
-            raise ValueError(f"gamma_bounds={gamma_bounds!r} is invalid; give a pair (gamma_min, gamma_max) or None.")
-        functional.check_gamma_bounds(gamma_bounds[0], gamma_bounds[1], prefix="gamma_bounds: ")
-        if not functional.uses_renormalization(variant, renormalize):
-            raise ValueError(
-                f"gamma_bounds={tuple(gamma_bounds)!r} needs renormalization, which variant={variant!r} with "
-                f"renormalize={renormalize!r} does not use; use variant='ssam' or renormalize=True."
-            )
-    if not isinstance(scale_rho_by_gamma, bool):
-        raise ValueError(f"scale_rho_by_gamma={scale_rho_by_gamma!r} is invalid; choose one of [True, False].")

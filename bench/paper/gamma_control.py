@@ -11,10 +11,11 @@ Writes ``gamma_control.csv`` (one row per experiment, configuration and setting)
 ``gamma_control.png`` to ``--out`` (default ``outputs/bench/gamma_control/``).
 
 The paper's conclusion proposes "imposing explicit constraints on [gamma's] bounds or adjusting the
-perturbation radius according to the gradient norm of the ascent step". Both are experimental options of
-the package: ``SSAMOptimizer(..., gamma_bounds=(gamma_min, gamma_max))`` renormalizes with gamma clipped to
-[gamma_min, gamma_max] (``functional.clip_renormalization_factor``), and ``scale_rho_by_gamma=True`` climbs
-with rho_t = rho * gamma_{t-1}, the previous step's ||g|| / ||g_asc|| (``functional.rho_scaled_by_gamma``).
+perturbation radius according to the gradient norm of the ascent step". Both live here, in
+``GammaControlledSAM`` (built from ``hf_ssam.functional``; ``SSAMOptimizer`` has no such options):
+``gamma_bounds=(gamma_min, gamma_max)`` renormalizes with gamma clipped to [gamma_min, gamma_max]
+(``functional.clip_renormalization_factor``), and ``scale_rho_by_gamma=True`` climbs with
+rho_t = rho * gamma_{t-1}, the previous step's ||g|| / ||g_asc|| (``functional.rho_scaled_by_gamma``).
 Configurations compared (``CONFIGS``): SAM* (``sam``), SAM (``usam``), SSAM (``ssam``); SSAM with gamma in
 [0.5, 2], in (0, 1] (shrink only) and in [1, inf) (amplify only); SAM and SAM* with rho scaled by gamma.
 
@@ -28,8 +29,9 @@ Experiments (each a smaller copy of the script named):
   {0.2, 1, 2}; scores: mean loss over the last 1000 steps and steps to f < 1e-4 (lower is better).
 
 The vectorised experiments (saddle, quadratic) use ``_common.rowwise_sam_direction`` with per-row bounds and
-per-row gamma_{t-1}; the script first replays a few rows through ``SSAMOptimizer`` with the same options
-(float64) and stops unless they agree to 1e-9. The CNN runs ``SSAMOptimizer`` itself.
+per-row gamma_{t-1}; the script first replays a few rows through the optimizers (``SSAMOptimizer`` for the
+plain configurations, ``GammaControlledSAM`` for the controlled ones; float64) and stops unless they agree
+to 1e-9. The CNN runs the same optimizers.
 
 Claims printed (one per option and experiment): whether the controlled variant beats the plain one it
 modifies (SSAM for the bounds, SAM / SAM* for the scaled rho), and whether it beats both SAM and SSAM.
@@ -52,7 +54,8 @@ import _common  # noqa: E402  (before torch: pins the offline, single-threaded e
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from hf_ssam import SSAMOptimizer, freeze_batchnorm_stats  # noqa: E402
+from hf_ssam import SSAMOptimizer, freeze_batchnorm_stats, functional  # noqa: E402
+from hf_ssam.variants import NO_SAM, check_sam_config  # noqa: E402
 
 INF = math.inf
 #: name -> (variant, gamma bounds or None, scale rho by gamma)
@@ -114,15 +117,126 @@ class RowConfig:
         return d
 
 
-def optimizer_for(name: str, params, rho: float, **base) -> SSAMOptimizer:
+class GammaControlledSAM:
+    """`SSAMOptimizer`'s step over SGD (one parameter group, global norms, no loss scaling) with the γ controls.
+
+    Built from the `hf_ssam.functional` pieces `SSAMOptimizer` uses, in the same order (without either control
+    the weights equal `SSAMOptimizer`'s bitwise). Used as `SSAMOptimizer` is: `first_step()` after the first
+    backward pass, `second_step()` after the second.
+
+    Args:
+        params: the parameters.
+        variant: `"ssam"`, `"sam"`, `"usam"` or `"asam"`.
+        rho: perturbation radius ρ ≥ 0.
+        renormalize: rescale g_asc by γ = ‖g‖/‖g_asc‖; None means on for `"ssam"` only.
+        asam_eta: ASAM's η ≥ 0.
+        gamma_bounds: `(γ_min, γ_max)` with 0 < γ_min ≤ 1 ≤ γ_max: the renormalization uses γ clipped to
+            these bounds (`functional.clip_renormalization_factor`). Needs renormalization.
+        scale_rho_by_gamma: climb with ρ_t = ρ·γ_{t−1}, the previous step's γ (`functional.rho_scaled_by_gamma`);
+            ρ at the first step.
+        **sgd_kwargs: passed to `torch.optim.SGD` (lr, momentum, weight_decay).
+
+    Raises:
+        ValueError: a bad SAM setting (as `SSAMOptimizer` refuses it), bad `gamma_bounds` (not a pair, outside
+            0 < γ_min ≤ 1 ≤ γ_max, or without renormalization) or a `scale_rho_by_gamma` that is not a bool.
+    """
+
+    def __init__(
+        self,
+        params,
+        *,
+        variant: str = "ssam",
+        rho: float = 0.05,
+        renormalize: bool | None = None,
+        asam_eta: float = 0.01,
+        gamma_bounds: tuple[float, float] | None = None,
+        scale_rho_by_gamma: bool = False,
+        **sgd_kwargs,
+    ) -> None:
+        check_sam_config(variant, rho, renormalize, asam_eta, prefix="")
+        if variant == NO_SAM:
+            raise ValueError(f"variant={variant!r} is not a SAM variant.")
+        if gamma_bounds is not None:
+            if not isinstance(gamma_bounds, (tuple, list)) or len(gamma_bounds) != 2:
+                raise ValueError(f"gamma_bounds={gamma_bounds!r} is invalid; give a pair (gamma_min, gamma_max).")
+            functional.check_gamma_bounds(gamma_bounds[0], gamma_bounds[1], prefix="gamma_bounds: ")
+            if not functional.uses_renormalization(variant, renormalize):
+                raise ValueError(
+                    f"gamma_bounds={tuple(gamma_bounds)!r} needs renormalization, which variant={variant!r} with "
+                    f"renormalize={renormalize!r} does not use; use variant='ssam' or renormalize=True."
+                )
+        if not isinstance(scale_rho_by_gamma, bool):
+            raise ValueError(f"scale_rho_by_gamma={scale_rho_by_gamma!r} is invalid; choose one of [True, False].")
+        self.params = list(params)
+        self.base_optimizer = torch.optim.SGD(self.params, **sgd_kwargs)
+        self.variant, self.rho, self.asam_eta = variant, rho, asam_eta
+        self.renormalize = functional.uses_renormalization(variant, renormalize)
+        self.gamma_bounds = None if gamma_bounds is None else (float(gamma_bounds[0]), float(gamma_bounds[1]))
+        self.scale_rho_by_gamma = scale_rho_by_gamma
+        self.previous_gamma: torch.Tensor | None = None  # γ_{t−1}: the measured, unclipped γ of the last step
+        self._backup = {p: torch.empty_like(p) for p in self.params}  # saved w
+        self._pending: tuple[list[torch.Tensor], torch.Tensor] | None = None  # (parameters moved, ‖g‖)
+
+    def zero_grad(self) -> None:
+        self.base_optimizer.zero_grad()
+
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = False) -> None:
+        """w ← w + e, with ρ_t = ρ·γ_{t−1} if `scale_rho_by_gamma`."""
+        params = [p for p in self.params if p.grad is not None]
+        grads = [p.grad for p in params]
+        grad_norm = functional.global_norm(grads)  # ‖g‖
+        perturb = torch.isfinite(grad_norm) & (grad_norm > 0)
+        scale = functional.perturbation_scale(
+            self.variant, self.rho, grad_norm, params=params, grads=grads, asam_eta=self.asam_eta
+        )
+        scale = torch.where(perturb & torch.isfinite(scale), scale, 0.0)
+        if self.scale_rho_by_gamma:
+            scale = scale * functional.rho_scaled_by_gamma(1.0, self.previous_gamma)  # ρ_t = ρ·γ_{t−1}
+        functional.save_([self._backup[p] for p in params], params)  # w
+        if not zero_grad:
+            grads = [g.clone() for g in grads]
+        functional.zero_unless_(grads, perturb)
+        functional.ascend_(
+            params, grads, scale, variant=self.variant, asam_eta=self.asam_eta, overwrite_grads=True
+        )  # w + e
+        self._pending = (params, grad_norm)
+        if zero_grad:
+            self.zero_grad()
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False) -> None:
+        """Restore w, g_asc ← clip(γ)·g_asc (if renormalizing), SGD step."""
+        if self._pending is None:
+            raise RuntimeError("second_step() called before first_step().")
+        params, grad_norm = self._pending
+        self._pending = None
+        functional.restore_(params, [self._backup[p] for p in params])  # w, exactly
+        grads = [p.grad for p in self.params if p.grad is not None]
+        gamma, _ = functional.renormalization_factor(grad_norm, functional.global_norm(grads))  # γ = ‖g‖/‖g_asc‖
+        self.previous_gamma = gamma
+        if self.renormalize:
+            bounded = (
+                gamma
+                if self.gamma_bounds is None
+                else functional.clip_renormalization_factor(gamma, *self.gamma_bounds)
+            )
+            functional.rescale_(grads, bounded)  # g_asc ← γ·g_asc, γ ∈ [γ_min, γ_max]
+        self.base_optimizer.step()
+        if zero_grad:
+            self.zero_grad()
+
+
+def optimizer_for(name: str, params, rho: float, **base) -> SSAMOptimizer | GammaControlledSAM:
+    """The package's `SSAMOptimizer` for a plain configuration, `GammaControlledSAM` for a controlled one."""
     variant, bounds, scale = CONFIGS[name]
-    return SSAMOptimizer(
-        params, torch.optim.SGD, variant=variant, rho=rho, gamma_bounds=bounds, scale_rho_by_gamma=scale, **base
-    )
+    if bounds is None and not scale:
+        return SSAMOptimizer(params, torch.optim.SGD, variant=variant, rho=rho, **base)
+    return GammaControlledSAM(params, variant=variant, rho=rho, gamma_bounds=bounds, scale_rho_by_gamma=scale, **base)
 
 
 def cross_check(steps: int = 40) -> float:
-    """A quadratic and the saddle, a few rows replayed through SSAMOptimizer; the largest relative deviation."""
+    """A quadratic and the saddle, a few rows replayed through the optimizers; the largest relative deviation."""
     import saddle
 
     names = list(CONFIGS)
@@ -368,9 +482,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     started = time.perf_counter()
     deviation = cross_check(steps=10 if args.quick else 40)
-    print(f"cross-check against SSAMOptimizer with the same options (float64): max |dx| = {deviation:.2e}")
+    print(f"cross-check against SSAMOptimizer / GammaControlledSAM (float64): max |dx| = {deviation:.2e}")
     if not deviation <= 1e-9:
-        print("the vectorised runs do not match SSAMOptimizer; stopping", file=sys.stderr)
+        print("the vectorised runs do not match the optimizers; stopping", file=sys.stderr)
         return 1
     experiments = {
         "saddle": saddle_experiment,
