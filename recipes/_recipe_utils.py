@@ -245,6 +245,7 @@ def train_and_evaluate(trainer: Any) -> dict[str, Any]:
     train_result = trainer.train(resume_from_checkpoint=trainer.args.resume_from_checkpoint)
     wall_time = time.perf_counter() - start
     trainer.save_model()
+    trainer.create_model_card()  # the Trainer's card (over PEFT's template) with the SAM settings appended
     trainer.log_metrics("train", train_result.metrics)
     trainer.save_metrics("train", train_result.metrics)
     trainer.save_state()

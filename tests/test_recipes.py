@@ -292,6 +292,8 @@ def test_text_offline_default_runs(tmp_path: Path) -> None:
     result = text_classification.main(SHORT_RUN + argv + ["--per_device_train_batch_size", "8"])
     _finite_loss_and_metric(result)
     assert 0.0 <= result["eval"]["eval_f1"] <= 1.0
+    card = (tmp_path / "README.md").read_text()
+    assert "### Sharpness-aware training" in card and "sam_variant: ssam" in card
 
 
 def test_text_runs_on_local_csv_sentence_pairs(tmp_path: Path) -> None:

@@ -123,6 +123,9 @@ def test_tiny_run_of_both_variants(tmp_path: Path) -> None:
         has_sam_logs = any("sam/gamma" in row for row in result["log_history"])
         assert has_sam_logs == (variant == "ssam")
         assert (tmp_path / variant / "adapter_config.json").is_file()  # the adapter is what gets saved
+        card = (tmp_path / variant / "README.md").read_text()  # the Trainer's card with the SAM section appended
+        assert "### Sharpness-aware training" in card
+        assert ("sam_variant: ssam" if variant == "ssam" else "sam_variant='none'") in card
     table = (tmp_path / "results.md").read_text()
     assert table == sft_lora.format_table(results) + "\n"
     assert table.startswith("| variant | train loss | eval loss | eval perplexity | wall time (s) |")
