@@ -74,6 +74,10 @@ class SSAMOptimizer(torch.optim.Optimizer):
 
     or with a closure that runs forward + backward and returns the loss: `loss = opt.step(closure)`.
 
+    An exception raised while the weights are at `w + e` leaves no trace: `step(closure)` puts `w` back (bitwise)
+    before the exception propagates, and in the two-call form `opt.abandon_step()` does the same before a new
+    `first_step()` (e.g. after an out-of-memory error in the second pass).
+
     The parameter groups are the base optimizer's, so LR schedulers attach to this object and
     `state_dict()` / `load_state_dict()` carry the base optimizer's state (momentum, Adam moments).
     Norms are global over all parameters with a gradient; groups without gradients are left alone.
@@ -238,7 +242,9 @@ class SSAMOptimizer(torch.optim.Optimizer):
                 `g` skips the perturbation here and the whole step in `grad_scaler.step(optimizer)`, which
                 finishes the step instead of `second_step()`.
 
-        The zero/non-finite check runs on the device: nothing here waits for the host.
+        The zero/non-finite check runs on the device: nothing here waits for the host. An exception during the
+        climb leaves the weights at `w` (and, with `zero_grad=True`, no gradients); after this returns, finish the
+        step with `second_step()` or drop it with `abandon_step()`.
 
         Raises:
             TypeError: `grad_scaler` is not a `torch.amp.GradScaler`.
@@ -247,7 +253,9 @@ class SSAMOptimizer(torch.optim.Optimizer):
         if self._pending is not None:
             raise RuntimeError(
                 "first_step() called again before the step it began was finished (the weights are still at "
-                "w + e): call second_step(), step() or grad_scaler.step(optimizer) after the second backward."
+                "w + e): call second_step(), step() or grad_scaler.step(optimizer) after the second backward, or "
+                "abandon_step() to put the weights back at w and drop that step (e.g. after an exception in the "
+                "second pass)."
             )
         self._check_new_groups()
         inv_scale = amp.inverse_scale(grad_scaler)
@@ -273,16 +281,22 @@ class SSAMOptimizer(torch.optim.Optimizer):
             grads = [g.clone() for g in grads]  # .grad stays g
         functional.zero_unless_(grads, perturb)  # skipped: e = 0 exactly, even where .grad holds inf/NaN
         start = 0
-        for (group, ps), scale in zip(groups, scales):
-            functional.ascend_(
-                ps,
-                grads[start : start + len(ps)],
-                scale.to(ps[0].device),
-                variant=group["variant"],
-                asam_eta=group["asam_eta"],
-                overwrite_grads=True,
-            )  # w + e
-            start += len(ps)
+        try:
+            for (group, ps), scale in zip(groups, scales):
+                functional.ascend_(
+                    ps,
+                    grads[start : start + len(ps)],
+                    scale.to(ps[0].device),
+                    variant=group["variant"],
+                    asam_eta=group["asam_eta"],
+                    overwrite_grads=True,
+                )  # w + e
+                start += len(ps)
+        except BaseException:  # some groups may have moved (an out-of-memory error in ASAM's T²·g)
+            functional.restore_(params, [self._backup[p] for p in params])  # w, exactly
+            if zero_grad:
+                self.zero_grad()  # .grad may hold part of e
+            raise
         grad_norm = stored_norm if inv_scale is None else stored_norm * inv_scale  # ‖g‖
         scaler = grad_scaler if inv_scale is not None else None
         self._pending = _FirstStep(params, grad_norm, ~perturb, ~finite, scaler)
@@ -308,8 +322,8 @@ class SSAMOptimizer(torch.optim.Optimizer):
             raise RuntimeError(
                 "second_step() called before first_step(): call first_step() after the first backward pass."
             )
-        self._pending = None
         functional.restore_(pending.params, [self._backup[p] for p in pending.params])  # w, exactly
+        self._pending = None
         self._check_new_groups()
         in_scaler_step = hasattr(self, "found_inf")  # set by GradScaler.step() around this call
         if pending.grad_scaler is not None and not in_scaler_step:
@@ -355,6 +369,34 @@ class SSAMOptimizer(torch.optim.Optimizer):
         if zero_grad:
             self.zero_grad()
 
+    @torch.no_grad()
+    def abandon_step(self, zero_grad: bool = True) -> bool:
+        """Drop the step that `first_step()` began: the weights go back to `w` exactly, ready for a new `first_step()`.
+
+        For the two-call form, when the second pass fails (an out-of-memory error, an interrupt) and training
+        goes on, e.g. with a smaller batch. Nothing is stepped: the base optimizer's state, the learning-rate
+        schedulers and `last_metrics` stay as they were. A step begun with `first_step(grad_scaler=scaler)` also
+        leaves no trace in `scaler` (a `scaler.unscale_(optimizer)` of the dropped step is forgotten); a no-op
+        when no step is begun. `step(closure)` calls this by itself when its second closure call raises.
+
+        Args:
+            zero_grad: drop the gradients too (as `zero_grad()` does), when a step was begun: they belong to
+                the abandoned second pass (or, after `first_step(zero_grad=False)`, to the first).
+
+        Returns:
+            Whether a begun step was abandoned.
+        """
+        pending = self._pending
+        if pending is None:
+            return False
+        functional.restore_(pending.params, [self._backup[p] for p in pending.params])  # w, exactly
+        self._pending = None
+        if pending.grad_scaler is not None:  # scaler.unscale_(self) of this step must not count for the next one
+            pending.grad_scaler._per_optimizer_states.pop(id(self), None)
+        if zero_grad:
+            self.zero_grad()
+        return True
+
     @property
     def last_metrics(self) -> dict[str, float]:
         """‖g‖, ‖g_asc‖, γ and whether the perturbation, rescale or step was skipped, for the last step.
@@ -379,6 +421,10 @@ class SSAMOptimizer(torch.optim.Optimizer):
         dropout masks; returns the loss of the first call. Without a closure this is `second_step()` (which
         is how `grad_scaler.step(optimizer)` finishes the step) and returns None.
 
+        An exception in the second closure call (at `w + e`), `KeyboardInterrupt` and out-of-memory errors
+        included, propagates unchanged after `abandon_step()`: the weights are back at `w` bitwise, the gradients
+        are dropped, nothing was stepped, and the next `step(closure)` is a normal step.
+
         Raises:
             RuntimeError: no closure and no `first_step()` to finish, or the errors of the two steps.
         """
@@ -397,9 +443,13 @@ class SSAMOptimizer(torch.optim.Optimizer):
         with torch.enable_grad():
             loss = closure()  # g = ∇F(w)
         self.first_step(zero_grad=True)
-        rng.restore()
-        with torch.enable_grad():
-            closure()  # g_asc = ∇F(w + e)
+        try:
+            rng.restore()
+            with torch.enable_grad():
+                closure()  # g_asc = ∇F(w + e)
+        except BaseException:
+            self.abandon_step()  # w, exactly; the partial g_asc dropped
+            raise
         self.second_step()
         return loss
 
