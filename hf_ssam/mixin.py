@@ -65,8 +65,9 @@ class SSAMMixin:
     Raises:
         TypeError: at class creation, when `SSAMMixin` comes after a Trainer class in the bases.
         ValueError: at construction for DeepSpeed, FSDP other than FSDP2 with `sam_sync_ascent=True` (and bf16 or
-            fp32), online-RL trainers that generate inside the step, an `SSAMOptimizer` passed as the optimizer, and
-            bad `sam_*` settings (also when `train()` starts).
+            fp32), online-RL trainers that generate inside the step, an `SSAMOptimizer` passed as the optimizer, an
+            optimizer whose parameter groups carry SAM settings (`rho`, `variant`, ...: one `sam_*` setting applies
+            to every parameter), and bad `sam_*` settings (also when `train()` starts).
     """
 
     args: SSAMTrainingArguments
