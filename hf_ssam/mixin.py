@@ -10,18 +10,18 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
-from . import functional, normalization
+from . import normalization
 from .arguments import SSAMTrainingArguments, _fsdp_refusal, _SAMArgumentsMixin, sam_arguments
+from .backward import TwoPassStep, all_reduce_mean_, is_ddp, is_fsdp2, loss_scale_of, pass_sync_context
 from .normalization import LossKind
 from .optimizer import SSAMOptimizer
-from .passes import PreparedInputs, RNGState, batchnorm_modules, freeze_batchnorm_stats, leave_no_trace, shallow_copy
+from .passes import PreparedInputs, batchnorm_modules, leave_no_trace, shallow_copy
 from .reporting import CARD_HEADING, MetricsAccumulator, model_card_section
 
 __all__ = ["SSAMMixin"]
@@ -112,7 +112,7 @@ class SSAMMixin:
         self._sam_param_cache: tuple[Any, list[nn.Parameter], list[nn.Parameter]] | None = None
         self._sam_loss_kind: tuple[nn.Module, LossKind] | None = None
         self._sam_bn_cache: tuple[nn.Module, list[nn.Module]] | None = None
-        self._sam_backup: list[torch.Tensor] | None = None
+        self._sam_step = TwoPassStep()
         self._sam_metrics = MetricsAccumulator()
 
     # ----------------------------------------------------------------------------------------- the step
@@ -129,74 +129,36 @@ class SSAMMixin:
             return super().training_step(model, inputs, num_items_in_batch)
 
         params, others = self._sam_param_sets(model)
-        stash = _take_grads(params + others)  # gradient of earlier micro-batches, set aside
-        rng = RNGState.capture() if args.sam_replay_rng else None
         k = self.current_gradient_accumulation_steps
-
+        trainer_pass = super().training_step  # the Trainer's own forward/backward (or the subclass's wrapper)
         prepared = PreparedInputs(self)
-        with self._pass_sync_context(model), prepared.capture():
-            loss = super().training_step(model, shallow_copy(inputs), num_items_in_batch)  # g = ∇F(w)
-        plain = _take_grads(others)  # outside the SAM set: the plain gradient of this micro-batch, kept as is
 
-        with torch.no_grad():
-            with_grad = [p for p in params if p.grad is not None]
-            grads = [p.grad for p in with_grad]
-            grad_norm = functional.global_norm(grads)  # ‖g‖ (stored units)
+        def first_pass() -> torch.Tensor:
+            with self._pass_sync_context(model), prepared.capture():
+                return trainer_pass(model, shallow_copy(inputs), num_items_in_batch)
+
+        def second_pass() -> torch.Tensor:  # same prepared batch, no trace of it left on the trainer
+            with self._pass_sync_context(model), prepared.replay(), leave_no_trace(self):
+                return trainer_pass(model, shallow_copy(inputs), num_items_in_batch)
+
+        def unscale(like: torch.Tensor) -> torch.Tensor:
             kind = self._loss_kind(model, inputs, prepared, num_items_in_batch)
-            grad_unscale = normalization.grad_unscale(
-                self, kind, inputs, num_items_in_batch, k, self._loss_scale(), grad_norm, self._synced_ascent(model)
-            )  # g = stored · u
-            scale = functional.perturbation_scale(
-                args.sam_variant,
-                args.sam_rho,
-                grad_norm,
-                params=with_grad,
-                grads=grads,
-                asam_eta=args.sam_asam_eta,
-                grad_unscale=grad_unscale,
+            return normalization.grad_unscale(
+                self, kind, inputs, num_items_in_batch, k, self._loss_scale(), like, self._synced_ascent(model)
             )
-            valid = torch.isfinite(scale) & torch.isfinite(grad_norm) & (grad_norm > 0)  # on device: no host sync
-            scale = torch.where(valid, scale, torch.zeros_like(scale))  # zero or non-finite ‖g‖: e = 0
-            functional.zero_unless_(grads, valid)  # skipped: e = 0 exactly, even where g holds inf/NaN (fp16 overflow)
-            backup = self._backup_buffers(with_grad)
-            functional.save_(backup, with_grad)  # save w
-            functional.ascend_(
-                with_grad, grads, scale, variant=args.sam_variant, asam_eta=args.sam_asam_eta, overwrite_grads=True
-            )  # w + e
-            for p in with_grad:
-                p.grad = None  # g is no longer needed: free it before the second pass (peak memory)
-            del grads
 
-        if rng is not None:
-            rng.restore()  # same dropout masks in both passes
-        with (
-            self._pass_sync_context(model),
-            freeze_batchnorm_stats(self._batchnorm_layers(model)),
-            prepared.replay(),
-            leave_no_trace(self),
-        ):
-            ascent_loss = super().training_step(model, shallow_copy(inputs), num_items_in_batch)  # g_asc
-
-        with torch.no_grad():
-            functional.restore_(with_grad, backup)  # w, exactly
-            with_grad = [p for p in params if p.grad is not None]
-            ascent_grads = [p.grad for p in with_grad]
-            ascent_grad_norm = functional.global_norm(ascent_grads)  # ‖g_asc‖ (stored units)
-            gamma, rescale_skipped = functional.renormalization_factor(grad_norm, ascent_grad_norm)
-            renormalize = functional.uses_renormalization(args.sam_variant, args.sam_renormalize)
-            if renormalize:
-                functional.rescale_(ascent_grads, gamma)  # g_asc ← γ·g_asc
-            for p in others:
-                p.grad = None  # the second pass's gradient of a parameter outside the SAM set is dropped
-            _give_back_grads(others, plain)  # ... it keeps the plain gradient of the first pass
-            _give_back_grads(params + others, stash)  # + earlier micro-batches
-            if not args.sam_sync_ascent and self.accelerator.sync_gradients and _is_ddp(model):
-                self._all_reduce_grads(params + [p for p in others if p.grad is not None])
-            skipped = ~valid | rescale_skipped if renormalize else ~valid
-            self._sam_metrics.add(
-                grad_norm * grad_unscale, ascent_grad_norm * grad_unscale, gamma, ascent_loss, skipped, k
-            )
-        return loss
+        result = self._sam_step.run(
+            params, others, first_pass, second_pass, variant=args.sam_variant, rho=args.sam_rho,
+            renormalize=args.sam_renormalize, asam_eta=args.sam_asam_eta, unscale=unscale,
+            replay_rng=args.sam_replay_rng, batchnorm_layers=self._batchnorm_layers(model),
+        )  # fmt: skip
+        if not args.sam_sync_ascent and self.accelerator.sync_gradients and is_ddp(model):
+            reduce_mean = lambda flat: self.accelerator.reduce(flat, reduction="mean")  # noqa: E731
+            all_reduce_mean_(params + [p for p in others if p.grad is not None], reduce_mean)
+        self._sam_metrics.add(
+            result.grad_norm, result.ascent_grad_norm, result.gamma, result.ascent_loss, result.skipped, k
+        )
+        return result.loss
 
     # -------------------------------------------------------------------------------------- helpers
 
@@ -245,67 +207,25 @@ class SSAMMixin:
 
     def _synced_ascent(self, model: nn.Module) -> bool:
         """Whether the first pass's gradient is averaged over processes (synchronized ascent, DDP or FSDP2)."""
-        return self.args.sam_sync_ascent and (_is_ddp(model) or _is_fsdp2(model))
+        return self.args.sam_sync_ascent and (is_ddp(model) or is_fsdp2(model))
 
-    def _backup_buffers(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Buffers for the saved weights, allocated once and reused (re-made if the set of params changes)."""
-        backup = self._sam_backup
-        if backup is None or len(backup) != len(params) or any(b.shape != p.shape for b, p in zip(backup, params)):
-            backup = self._sam_backup = [torch.empty_like(p) for p in params]
-        return backup
+    @property
+    def _sam_backup(self) -> list[torch.Tensor] | None:
+        """The buffers holding ``w`` during the second pass (allocated at the first SAM step)."""
+        return self._sam_step.backup
 
     def _batchnorm_layers(self, model: nn.Module) -> list[nn.Module]:
         if self._sam_bn_cache is None or self._sam_bn_cache[0] is not model:
             self._sam_bn_cache = (model, batchnorm_modules(model))
         return self._sam_bn_cache[1]
 
-    def _loss_scaled(self) -> bool:
-        scaler = getattr(self.accelerator, "scaler", None)
-        return scaler is not None and scaler.is_enabled()
-
     def _loss_scale(self) -> float | torch.Tensor:
         """The fp16 loss scale multiplying the gradients (1 without a scaler), as a device tensor: no host sync."""
-        if not self._loss_scaled():
-            return 1.0
-        scaler = self.accelerator.scaler
-        scale = scaler._get_scale_async() if hasattr(scaler, "_get_scale_async") else None
-        return scaler.get_scale() if scale is None else scale
+        return loss_scale_of(getattr(self.accelerator, "scaler", None))
 
-    @contextlib.contextmanager
-    def _pass_sync_context(self, model: nn.Module) -> Iterator[None]:
+    def _pass_sync_context(self, model: nn.Module) -> contextlib.AbstractContextManager[None]:
         """DDP gradient sync for one pass: off for a local ascent, forced on for a synchronized one (always, FSDP2)."""
-        if _is_fsdp2(model):  # each pass needs its sharded gradient, between accumulation boundaries too
-            previous = _fsdp2_gradient_sync(model)
-            model.set_requires_gradient_sync(True)
-            try:
-                yield
-            finally:
-                model.set_requires_gradient_sync(previous)
-        elif not _is_ddp(model):
-            yield
-        elif not self.args.sam_sync_ascent:
-            with self.accelerator.no_sync(model):  # forward and backward: DDP decides at forward time
-                yield
-        else:
-            previous = model.require_backward_grad_sync
-            model.require_backward_grad_sync = True  # all-reduce this pass even between accumulation boundaries
-            try:
-                yield
-            finally:
-                model.require_backward_grad_sync = previous
-
-    def _all_reduce_grads(self, params: list[nn.Parameter]) -> None:
-        """Local-ascent mode: average the accumulated SAM gradient over replicas, one flat all-reduce per dtype."""
-        by_dtype: dict[torch.dtype, list[nn.Parameter]] = {}
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            by_dtype.setdefault(p.grad.dtype, []).append(p)
-        for group in by_dtype.values():
-            grads = [p.grad for p in group]
-            flat = torch._utils._flatten_dense_tensors(grads)
-            flat = self.accelerator.reduce(flat, reduction="mean")
-            torch._foreach_copy_(grads, torch._utils._unflatten_dense_tensors(flat, grads))
+        return pass_sync_context(model, self.args.sam_sync_ascent, self.accelerator.no_sync)
 
     def sam_metrics(self) -> dict[str, float]:
         """The SAM metrics accumulated since the last training log, averaged over processes (and reset)."""
@@ -375,48 +295,3 @@ def _refuse_group_sam_settings(optimizer: torch.optim.Optimizer) -> None:
                 "instead), or use SSAMOptimizer in a plain loop for per-group settings. Keys of the base optimizer "
                 "itself (Adadelta's rho) are not affected."
             )
-
-
-def _is_ddp(model: nn.Module) -> bool:
-    return isinstance(model, nn.parallel.DistributedDataParallel)
-
-
-def _is_fsdp2(model: nn.Module) -> bool:
-    if not torch.distributed.is_available():
-        return False
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule)
-
-
-def _fsdp2_gradient_sync(model: nn.Module) -> bool:
-    """The flag `FSDPModule.set_requires_gradient_sync` last set on ``model`` (torch has no getter for it)."""
-    groups = model._get_fsdp_state()._fsdp_param_groups
-    return all(group.reduce_grads for group in groups)
-
-
-def _take_grads(params: list[nn.Parameter]) -> list[torch.Tensor | None] | None:
-    """Move the accumulated `.grad` tensors out of the parameters (no copy); None if there are none."""
-    if all(p.grad is None for p in params):
-        return None
-    stash = [p.grad for p in params]
-    for p in params:
-        p.grad = None
-    return stash
-
-
-def _give_back_grads(params: list[nn.Parameter], stash: list[torch.Tensor | None] | None) -> None:
-    """`.grad ← .grad + stash` (the stash tensor is reused where the pass left no gradient)."""
-    if stash is None:
-        return
-    targets, extra = [], []
-    for p, s in zip(params, stash):
-        if s is None:
-            continue
-        if p.grad is None:
-            p.grad = s
-        else:
-            targets.append(p.grad)
-            extra.append(s)
-    if targets:
-        torch._foreach_add_(targets, extra)

@@ -56,14 +56,16 @@ class MetricsAccumulator:
         sums, self.sums = self.sums, None
         if sums is None:
             return {}
-        sums = accelerator.reduce(sums.to(device), reduction="mean")
+        world = 1 if accelerator is None else accelerator.num_processes
+        if accelerator is not None:
+            sums = accelerator.reduce(sums.to(device), reduction="mean")
         n, steps = sums[_MICRO_BATCHES].item(), sums[_STEPS].item()
         return {
             "sam/grad_norm": sums[_GRAD_NORM].item() / n,
             "sam/ascent_grad_norm": sums[_ASCENT_GRAD_NORM].item() / n,
             "sam/gamma": sums[_GAMMA].item() / n,
             "sam/ascent_loss": sums[_ASCENT_LOSS].item() / steps,
-            "sam/skipped": sums[_SKIPPED].item() * accelerator.num_processes,
+            "sam/skipped": sums[_SKIPPED].item() * world,
         }
 
 

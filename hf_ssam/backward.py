@@ -1,0 +1,465 @@
+"""The two-pass step of one micro-batch around *a* backward, once; `SSAMBackward` is its face for hand-written loops.
+
+`TwoPassStep.run` is the whole SAM-family step of one micro-batch, whatever runs the passes: the Trainer's own
+`training_step` (`SSAMMixin`), `accelerator.backward` or ``loss.backward()`` (`SSAMBackward`):
+
+1. the gradient accumulated by earlier micro-batches is set aside;
+2. first pass, at ``w``: ``g = ∇F(w)``;
+3. ``w ← w + e`` with ``e = ρ·d(g, w)`` (the weights are saved first);
+4. second pass, at ``w + e``, same RNG (dropout masks), BatchNorm statistics untouched: ``g_asc``;
+5. ``w`` is copied back exactly; with renormalization ``g_asc ← (‖g‖/‖g_asc‖)·g_asc``;
+6. the set-aside gradient is added back: ``.grad`` accumulates the micro-batches' SAM gradients.
+
+Whatever raises in between (an out-of-memory error, ``KeyboardInterrupt``), ``w`` comes back bitwise, the gradient of
+earlier micro-batches is left as it was and the step can be run again: the exception propagates unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from . import functional
+from .passes import RNGState, freeze_batchnorm_stats
+from .reporting import MetricsAccumulator
+from .variants import NO_SAM, check_sam_config
+
+__all__ = ["MicroBatchResult", "SSAMBackward", "TwoPassStep"]
+
+
+@dataclass
+class MicroBatchResult:
+    """What one micro-batch's step measured, on the device: losses as the passes returned them, norms in units of g."""
+
+    loss: Tensor
+    ascent_loss: Tensor
+    grad_norm: Tensor  # ‖g‖
+    ascent_grad_norm: Tensor  # ‖g_asc‖
+    gamma: Tensor  # γ = ‖g‖/‖g_asc‖
+    skipped: Tensor  # the perturbation or the rescale was skipped (zero or non-finite norm)
+
+
+class TwoPassStep:
+    """The two-pass step of one micro-batch (see the module docstring); keeps the weight backup between steps."""
+
+    def __init__(self) -> None:
+        self.backup: list[Tensor] | None = None
+
+    def _backup_buffers(self, params: list[Tensor]) -> list[Tensor]:
+        """Buffers for the saved weights, allocated once and reused (re-made if the set of params changes)."""
+        backup = self.backup
+        if backup is None or len(backup) != len(params) or any(b.shape != p.shape for b, p in zip(backup, params)):
+            backup = self.backup = [torch.empty_like(p) for p in params]
+        return backup
+
+    def run(
+        self,
+        params: Sequence[nn.Parameter],
+        others: Sequence[nn.Parameter],
+        first_pass: Callable[[], Tensor],
+        second_pass: Callable[[], Tensor],
+        *,
+        variant: str,
+        rho: float,
+        renormalize: bool | None,
+        asam_eta: float,
+        unscale: Callable[[Tensor], Tensor | float],
+        replay_rng: bool = True,
+        batchnorm_layers: Sequence[nn.Module] = (),
+    ) -> MicroBatchResult:
+        """One micro-batch: ``.grad`` of ``params`` gains its SAM gradient, ``others`` their plain gradient.
+
+        Args:
+            params: the SAM set, perturbed (each parameter once).
+            others: parameters outside it that may receive a gradient: they keep the first pass's, as in plain
+                training.
+            first_pass, second_pass: run forward and backward on the micro-batch (the same one) and return the loss.
+            unscale: ``u`` with ``g = u · stored gradient``, given the stored ‖g‖ (called once, after the first pass).
+        """
+        params, others = list(params), list(others)
+        stash = _take_grads(params + others)  # gradient of earlier micro-batches, set aside
+        with_grad: list[nn.Parameter] = []
+        backup: list[Tensor] = []
+        moved = False
+        try:
+            rng = RNGState.capture() if replay_rng else None
+            loss = first_pass()  # g = ∇F(w)
+            plain = _take_grads(others)  # outside the SAM set: the plain gradient of this micro-batch
+            with torch.no_grad():
+                with_grad = [p for p in params if p.grad is not None]
+                grads = [p.grad for p in with_grad]
+                grad_norm = functional.global_norm(grads)  # ‖g‖ (stored units)
+                grad_unscale = unscale(grad_norm)  # g = stored · u
+                scale = functional.perturbation_scale(
+                    variant, rho, grad_norm, params=with_grad, grads=grads, asam_eta=asam_eta,
+                    grad_unscale=grad_unscale,
+                )  # fmt: skip
+                valid = torch.isfinite(scale) & torch.isfinite(grad_norm) & (grad_norm > 0)  # on device: no sync
+                scale = torch.where(valid, scale, torch.zeros_like(scale))  # zero or non-finite ‖g‖: e = 0
+                functional.zero_unless_(grads, valid)  # skipped: e = 0 exactly, even where g holds inf/NaN (fp16)
+                backup = self._backup_buffers(with_grad)
+                functional.save_(backup, with_grad)  # save w
+                moved = True
+                functional.ascend_(with_grad, grads, scale, variant=variant, asam_eta=asam_eta, overwrite_grads=True)
+                for p in with_grad:  # w + e; g is no longer needed: freed before the second pass (peak memory)
+                    p.grad = None
+                del grads
+            if rng is not None:
+                rng.restore()  # same dropout masks in both passes
+            with freeze_batchnorm_stats(list(batchnorm_layers)):
+                ascent_loss = second_pass()  # g_asc = ∇F(w + e)
+        except BaseException:
+            with torch.no_grad():
+                if moved:
+                    functional.restore_(with_grad, backup)  # w, exactly
+                for p in params + others:
+                    p.grad = None  # this micro-batch's partial gradients
+                _give_back_grads(params + others, stash)  # the earlier micro-batches', as they were
+            raise
+
+        with torch.no_grad():
+            functional.restore_(with_grad, backup)  # w, exactly
+            with_grad = [p for p in params if p.grad is not None]
+            ascent_grads = [p.grad for p in with_grad]
+            ascent_grad_norm = functional.global_norm(ascent_grads)  # ‖g_asc‖ (stored units)
+            gamma, rescale_skipped = functional.renormalization_factor(grad_norm, ascent_grad_norm)
+            renormalizes = functional.uses_renormalization(variant, renormalize)
+            if renormalizes:
+                functional.rescale_(ascent_grads, gamma)  # g_asc ← γ·g_asc
+            for p in others:
+                p.grad = None  # a parameter outside the SAM set drops the second pass's gradient ...
+            _give_back_grads(others, plain)  # ... and keeps the plain gradient of the first pass
+            _give_back_grads(params + others, stash)  # + earlier micro-batches
+        skipped = ~valid | rescale_skipped if renormalizes else ~valid
+        return MicroBatchResult(
+            loss, ascent_loss, grad_norm * grad_unscale, ascent_grad_norm * grad_unscale, gamma, skipped
+        )
+
+
+# ------------------------------------------------------------------------------------ gradient bookkeeping
+
+
+def _take_grads(params: list[nn.Parameter]) -> list[Tensor | None] | None:
+    """Move the accumulated `.grad` tensors out of the parameters (no copy); None if there are none."""
+    if all(p.grad is None for p in params):
+        return None
+    stash = [p.grad for p in params]
+    for p in params:
+        p.grad = None
+    return stash
+
+
+def _give_back_grads(params: list[nn.Parameter], stash: list[Tensor | None] | None) -> None:
+    """`.grad ← .grad + stash` (the stash tensor is reused where the pass left no gradient)."""
+    if stash is None:
+        return
+    targets, extra = [], []
+    for p, s in zip(params, stash):
+        if s is None:
+            continue
+        if p.grad is None:
+            p.grad = s
+        else:
+            targets.append(p.grad)
+            extra.append(s)
+    if targets:
+        torch._foreach_add_(targets, extra)
+
+
+# ------------------------------------------------------------------------------------ data-parallel passes
+
+
+def is_ddp(model: nn.Module) -> bool:
+    return isinstance(model, nn.parallel.DistributedDataParallel)
+
+
+def is_fsdp2(model: nn.Module) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def fsdp2_gradient_sync(model: nn.Module) -> bool:
+    """The flag `FSDPModule.set_requires_gradient_sync` last set on ``model`` (torch has no getter for it)."""
+    groups = model._get_fsdp_state()._fsdp_param_groups
+    return all(group.reduce_grads for group in groups)
+
+
+@contextlib.contextmanager
+def pass_sync_context(
+    model: nn.Module, sync_ascent: bool, no_sync: Callable[[nn.Module], Any] | None = None
+) -> Iterator[None]:
+    """Gradient sync for one pass: off for a local ascent, forced on for a synchronized one (always, FSDP2).
+
+    ``no_sync``: the launcher's way to switch DDP's sync off (``accelerator.no_sync``; default ``model.no_sync()``).
+    """
+    if is_fsdp2(model):  # each pass needs its sharded gradient, between accumulation boundaries too
+        previous = fsdp2_gradient_sync(model)
+        model.set_requires_gradient_sync(True)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(previous)
+    elif not is_ddp(model):
+        yield
+    elif not sync_ascent:
+        with no_sync(model) if no_sync is not None else model.no_sync():  # DDP decides at forward time
+            yield
+    else:
+        previous = model.require_backward_grad_sync
+        model.require_backward_grad_sync = True  # all-reduce this pass even between accumulation boundaries
+        try:
+            yield
+        finally:
+            model.require_backward_grad_sync = previous
+
+
+def all_reduce_mean_(params: Sequence[nn.Parameter], reduce_mean: Callable[[Tensor], Tensor]) -> None:
+    """Local-ascent mode: average the accumulated SAM gradient over replicas, one flat all-reduce per dtype."""
+    by_dtype: dict[torch.dtype, list[nn.Parameter]] = {}
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        by_dtype.setdefault(p.grad.dtype, []).append(p)
+    for group in by_dtype.values():
+        grads = [p.grad for p in group]
+        flat = reduce_mean(torch._utils._flatten_dense_tensors(grads))
+        torch._foreach_copy_(grads, torch._utils._unflatten_dense_tensors(flat, grads))
+
+
+def _torch_reduce_mean(flat: Tensor) -> Tensor:
+    torch.distributed.all_reduce(flat)
+    return flat.div_(torch.distributed.get_world_size())
+
+
+def loss_scale_of(scaler: Any) -> float | Tensor:
+    """The fp16 loss scale multiplying the gradients (1 without an enabled scaler), as a device tensor: no sync."""
+    if scaler is None or not scaler.is_enabled():
+        return 1.0
+    scale = scaler._get_scale_async() if hasattr(scaler, "_get_scale_async") else None
+    return scaler.get_scale() if scale is None else scale
+
+
+# ------------------------------------------------------------------------------------------- SSAMBackward
+
+
+class SSAMBackward:
+    r"""The SAM-family step for a hand-written loop: replaces ``accelerator.backward(loss)`` or ``loss.backward()``.
+
+    ```python
+    # doc: fragment
+    sam_backward = SSAMBackward(model, optimizer, accelerator=accelerator, variant="ssam", rho=0.05)
+    for batch in loader:
+        with accelerator.accumulate(model):
+            loss = sam_backward(lambda: loss_fn(model, batch))  # was: accelerator.backward(loss_fn(model, batch))
+            optimizer.step(); lr_scheduler.step(); optimizer.zero_grad()
+    ```
+
+    Each call runs both passes on one micro-batch (at ``w``, then at ``w + e``, same dropout masks, BatchNorm
+    statistics updated once) and **adds** the micro-batch's SAM gradient to ``.grad``, normalized like
+    ``accelerator.backward``: divided by the accumulation steps, scaled by the fp16 loss scale when Accelerate or
+    ``grad_scaler`` uses one. ρ is in units of that micro-batch's own mean-loss gradient, as in `SSAMTrainer`. The
+    base optimizer steps as usual (``grad_scaler.step(optimizer)`` with a scaler). No host synchronisation happens
+    in the call; `metrics` reads the ``sam/*`` values when asked.
+
+    Args:
+        model (`nn.Module`): The model the loop trains (after `accelerator.prepare`, if any).
+        optimizer (`torch.optim.Optimizer`): The *base* optimizer the loop steps (prepared or not; never an
+            `SSAMOptimizer`). The parameters it updates that require a gradient are perturbed (read at every call);
+            other parameters of ``model`` keep their plain gradient.
+        accelerator (`accelerate.Accelerator`, *optional*): Runs the backward (``accelerator.backward``), and gives
+            the accumulation steps, the fp16 scaler and the DDP/FSDP2 gradient sync. `None` for a plain loop.
+        variant (`str`, defaults to `"ssam"`): `"ssam"`, `"sam"`, `"usam"`, `"asam"`, or `"none"` (a plain backward).
+        rho (`float`, defaults to 0.05): The radius ρ, `>= 0`.
+        renormalize (`bool` or `None`): Rescale ``g_asc`` to ``‖g‖``; `None`: on for `"ssam"` only.
+        asam_eta (`float`, defaults to 0.01): ASAM's η.
+        sync_ascent (`bool`, defaults to `False`): With several processes, `False` perturbs each replica with its
+            own gradient (the first pass under ``no_sync``; one all-reduce of the accumulated SAM gradient at the
+            accumulation boundary); `True` all-reduces both passes, also between boundaries (the same step as one
+            process on the global micro-batch). FSDP2 requires `True`.
+        accumulation_steps (`int`, defaults to 1): Without ``accelerator``: micro-batches per optimizer step (the
+            loss is divided by it). With one, set ``Accelerator(gradient_accumulation_steps=...)`` instead.
+        grad_scaler (`torch.amp.GradScaler`, *optional*): Without ``accelerator``: the fp16 loss scaler of the loop.
+        replay_rng (`bool`, defaults to `True`): The second pass draws the same dropout masks as the first.
+
+    Raises:
+        ValueError: a bad `variant`, `rho`, `renormalize` or `asam_eta` (the checks of `SSAMOptimizer` and
+            `SSAMTrainingArguments`), non-bool switches, `accumulation_steps` not an integer >= 1 or given with an
+            ``accelerator``, ``grad_scaler`` with an ``accelerator``, an `SSAMOptimizer` as ``optimizer``, DeepSpeed,
+            FSDP1, and FSDP2 with `sync_ascent=False` or fp16.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        accelerator: Any = None,
+        variant: str = "ssam",
+        rho: float = 0.05,
+        renormalize: bool | None = None,
+        asam_eta: float = 0.01,
+        sync_ascent: bool = False,
+        accumulation_steps: int = 1,
+        grad_scaler: Any = None,
+        replay_rng: bool = True,
+    ) -> None:
+        check_sam_config(variant, rho, renormalize, asam_eta, prefix="")
+        for name, value in (("sync_ascent", sync_ascent), ("replay_rng", replay_rng)):
+            if not isinstance(value, bool):
+                raise ValueError(
+                    f"{name}={value!r} is invalid; choose one of [True, False] (a bool, not {type(value).__name__})."
+                )
+        if isinstance(accumulation_steps, bool) or not isinstance(accumulation_steps, int) or accumulation_steps < 1:
+            raise ValueError(f"accumulation_steps={accumulation_steps!r} is invalid; it must be an integer >= 1.")
+        _refuse_sam_optimizer(optimizer)
+        if accelerator is not None:
+            _refuse_unsupported_accelerator(accelerator, model, sync_ascent)
+            if accumulation_steps != 1:
+                raise ValueError(
+                    f"accumulation_steps={accumulation_steps} is for a loop without an accelerator; with one, set "
+                    "Accelerator(gradient_accumulation_steps=...) and run each micro-batch in "
+                    "accelerator.accumulate(model)."
+                )
+            if grad_scaler is not None:
+                raise ValueError(
+                    "grad_scaler is for a loop without an accelerator; Accelerate keeps its own scaler "
+                    "(Accelerator(mixed_precision='fp16'))."
+                )
+        elif is_fsdp2(model) and not sync_ascent:
+            raise ValueError(_FSDP2_LOCAL)
+        self.model, self.optimizer, self.accelerator = model, optimizer, accelerator
+        self.variant, self.rho, self.renormalize, self.asam_eta = variant, rho, renormalize, asam_eta
+        self.sync_ascent, self.replay_rng = sync_ascent, replay_rng
+        self.accumulation_steps, self.grad_scaler = accumulation_steps, grad_scaler
+        self._step = TwoPassStep()
+        self._metrics = MetricsAccumulator()
+        self._micro_batches = 0  # completed calls: the accumulation boundary of a loop without an accelerator
+        self._param_cache: tuple[tuple, list[nn.Parameter], list[nn.Parameter]] | None = None
+        self._batchnorm = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                           and m.track_running_stats]  # fmt: skip
+
+    # ------------------------------------------------------------------------------------------- the call
+
+    def __call__(self, loss_fn: Callable[[], Tensor]) -> Tensor:
+        """Both passes of one micro-batch: ``loss_fn()`` runs the forward and returns the mean loss (not yet
+        backpropagated). Returns the loss at ``w``, detached."""
+        if self.variant == NO_SAM:
+            loss = loss_fn()
+            self._backward(loss)
+            return loss.detach()
+        params, others = self._param_sets()
+        k = self._steps_per_update()
+
+        def one_pass() -> Tensor:
+            with pass_sync_context(self.model, self.sync_ascent, self._no_sync()):
+                loss = loss_fn()
+                self._backward(loss)
+            return loss.detach()
+
+        result = self._step.run(
+            params, others, one_pass, one_pass, variant=self.variant, rho=self.rho, renormalize=self.renormalize,
+            asam_eta=self.asam_eta, replay_rng=self.replay_rng, batchnorm_layers=self._batchnorm,
+            unscale=lambda like: like.new_tensor(k) / loss_scale_of(self._scaler()),  # stored = scale · g / k
+        )  # fmt: skip
+        self._micro_batches += 1
+        if not self.sync_ascent and self._at_boundary() and is_ddp(self.model):
+            reduce_mean = _torch_reduce_mean
+            if self.accelerator is not None:
+                reduce_mean = lambda flat: self.accelerator.reduce(flat, reduction="mean")  # noqa: E731
+            all_reduce_mean_(params + [p for p in others if p.grad is not None], reduce_mean)
+        self._metrics.add(result.grad_norm, result.ascent_grad_norm, result.gamma, result.ascent_loss / k,
+                          result.skipped, k)  # fmt: skip
+        return result.loss
+
+    def metrics(self) -> dict[str, float]:
+        """``sam/grad_norm``, ``sam/ascent_grad_norm``, ``sam/gamma``, ``sam/ascent_loss`` and ``sam/skipped``
+        averaged since the last call (over processes with an accelerator); empty when nothing ran. Reads the
+        device (a host synchronisation): call it when logging."""
+        device = next(iter(self.model.parameters())).device
+        return self._metrics.pop(self.accelerator, device)
+
+    # -------------------------------------------------------------------------------------------- helpers
+
+    def _param_sets(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        groups = self.optimizer.param_groups
+        key = tuple(len(group["params"]) for group in groups)
+        if self._param_cache is None or self._param_cache[0] != key:
+            seen: set[int] = set()
+            updated = []
+            for group in groups:
+                for p in group["params"]:
+                    if id(p) not in seen:
+                        seen.add(id(p))
+                        updated.append(p)
+            rest = [p for p in dict.fromkeys(self.model.parameters()) if id(p) not in seen]
+            self._param_cache = (key, updated, rest)
+        _, updated, rest = self._param_cache
+        return [p for p in updated if p.requires_grad], [p for p in rest if p.requires_grad]
+
+    def _steps_per_update(self) -> int:
+        if self.accelerator is not None:
+            return self.accelerator.gradient_accumulation_steps
+        return self.accumulation_steps
+
+    def _scaler(self) -> Any:
+        return getattr(self.accelerator, "scaler", None) if self.accelerator is not None else self.grad_scaler
+
+    def _no_sync(self) -> Callable[[nn.Module], Any] | None:
+        return self.accelerator.no_sync if self.accelerator is not None else None
+
+    def _at_boundary(self) -> bool:
+        if self.accelerator is not None:
+            return self.accelerator.sync_gradients
+        return self._micro_batches % self.accumulation_steps == 0
+
+    def _backward(self, loss: Tensor) -> None:
+        if self.accelerator is not None:
+            self.accelerator.backward(loss)  # divides by the accumulation steps, scales for fp16
+            return
+        loss = loss / self.accumulation_steps
+        (self.grad_scaler.scale(loss) if self.grad_scaler is not None else loss).backward()
+
+
+_FSDP2_LOCAL = (
+    "sync_ascent=False is not supported under FSDP2: FSDP reduce-scatters every gradient, so each process only "
+    "holds its shard of the gradient averaged over all processes and there is no per-replica gradient to perturb "
+    "with. Set sync_ascent=True (the perturbation from the global-batch gradient)."
+)
+
+
+def _refuse_sam_optimizer(optimizer: Any) -> None:
+    from .optimizer import SSAMOptimizer
+
+    inner = getattr(optimizer, "optimizer", None)  # Accelerate's AcceleratedOptimizer
+    if isinstance(optimizer, SSAMOptimizer) or isinstance(inner, SSAMOptimizer):
+        raise ValueError(
+            "SSAMBackward takes the *base* optimizer (e.g. torch.optim.AdamW(...)), not an SSAMOptimizer: it runs the "
+            "two passes itself and leaves the SAM gradient in .grad for the base optimizer's step."
+        )
+
+
+def _refuse_unsupported_accelerator(accelerator: Any, model: nn.Module, sync_ascent: bool) -> None:
+    kind = str(getattr(accelerator, "distributed_type", ""))
+    if "DEEPSPEED" in kind.upper():
+        raise ValueError(
+            "SSAMBackward does not support DeepSpeed: its engine steps inside accelerator.backward(), which leaves no "
+            "place for the second pass. Supported: one process, DDP and FSDP2."
+        )
+    if "FSDP" in kind.upper() and not is_fsdp2(model):
+        raise ValueError(
+            "SSAMBackward runs on FSDP2's DTensor shards only: use fsdp_version=2 in the Accelerate FSDP plugin, and "
+            "build SSAMBackward after accelerator.prepare(model, ...)."
+        )
+    if is_fsdp2(model):
+        if not sync_ascent:
+            raise ValueError(_FSDP2_LOCAL)
+        if getattr(accelerator, "mixed_precision", "no") == "fp16":
+            raise ValueError("fp16 is not supported under FSDP2 (the loss scaler on sharded gradients); use bf16.")
