@@ -2,7 +2,8 @@
 
 Replace `Trainer` with `SSAMTrainer` (and `TrainingArguments` with `SSAMTrainingArguments`), compose
 `SSAMMixin` with any Trainer subclass (`class T(SSAMMixin, SFTTrainer)`, args from `sam_arguments(SFTConfig)`),
-or wrap any optimizer in `SSAMOptimizer` for a plain PyTorch loop. The Trainer classes are imported on first use, so
+wrap any optimizer in `SSAMOptimizer` for a plain PyTorch loop, or replace ``accelerator.backward(loss)`` with
+`SSAMBackward` in a hand-written Accelerate loop. The Trainer classes are imported on first use, so
 `from hf_ssam import SSAMOptimizer` does not load `transformers`.
 """
 
@@ -12,6 +13,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from . import functional
+from .backward import SSAMBackward
 from .optimizer import SSAMOptimizer
 from .passes import RNGState, freeze_batchnorm_stats
 from .variants import VARIANTS
@@ -27,6 +29,7 @@ __version__ = "0.1.0"
 __all__ = [
     "METRIC_NAMES",
     "RNGState",
+    "SSAMBackward",
     "SSAMMixin",
     "SSAMOptimizer",
     "SSAMTrainer",

@@ -109,6 +109,7 @@ class TwoPassStep:
                 for p in with_grad:  # w + e; g is no longer needed: freed before the second pass (peak memory)
                     p.grad = None
                 del grads
+            torch.clear_autocast_cache()  # an autocast region around both passes must not reuse casts of w
             if rng is not None:
                 rng.restore()  # same dropout masks in both passes
             with freeze_batchnorm_stats(list(batchnorm_layers)):
@@ -117,6 +118,7 @@ class TwoPassStep:
             with torch.no_grad():
                 if moved:
                     functional.restore_(with_grad, backup)  # w, exactly
+                    torch.clear_autocast_cache()
                 for p in params + others:
                     p.grad = None  # this micro-batch's partial gradients
                 _give_back_grads(params + others, stash)  # the earlier micro-batches', as they were
@@ -124,6 +126,7 @@ class TwoPassStep:
 
         with torch.no_grad():
             functional.restore_(with_grad, backup)  # w, exactly
+            torch.clear_autocast_cache()  # ... nor of w + e after it
             with_grad = [p for p in params if p.grad is not None]
             ascent_grads = [p.grad for p in with_grad]
             ascent_grad_norm = functional.global_norm(ascent_grads)  # ‖g_asc‖ (stored units)
