@@ -18,7 +18,8 @@ from transformers import Trainer, TrainingArguments
 
 from . import normalization
 from .arguments import SSAMTrainingArguments, _fsdp_refusal, _SAMArgumentsMixin, sam_arguments
-from .backward import TwoPassStep, all_reduce_mean_, is_ddp, is_fsdp2, loss_scale_of, pass_sync_context
+from .backward import TwoPassStep
+from .engines import all_reduce_mean_, is_ddp, is_fsdp2, loss_scale_of, pass_sync_context
 from .normalization import LossKind
 from .optimizer import SSAMOptimizer
 from .passes import PreparedInputs, batchnorm_modules, leave_no_trace, shallow_copy
