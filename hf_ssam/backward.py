@@ -24,7 +24,15 @@ import torch
 from torch import Tensor, nn
 
 from . import functional
-from .engines import all_reduce_mean_, is_ddp, is_fsdp2, loss_scale_of, pass_sync_context, torch_reduce_mean
+from .engines import (
+    all_reduce_mean_,
+    is_ddp,
+    is_fsdp2,
+    loss_scale_of,
+    pass_sync_context,
+    scaler_enabled,
+    torch_reduce_mean,
+)
 from .passes import RNGState, freeze_batchnorm_stats
 from .reporting import MetricsAccumulator
 from .variants import NO_SAM, check_sam_config
@@ -71,6 +79,7 @@ class TwoPassStep:
         unscale: Callable[[Tensor], Tensor | float],
         replay_rng: bool = True,
         batchnorm_layers: Sequence[nn.Module] = (),
+        loss_scaled: bool = False,
     ) -> MicroBatchResult:
         """One micro-batch: ``.grad`` of ``params`` gains its SAM gradient, ``others`` their plain gradient.
 
@@ -80,6 +89,9 @@ class TwoPassStep:
                 training.
             first_pass, second_pass: run forward and backward on the micro-batch (the same one) and return the loss.
             unscale: ``u`` with ``g = u · stored gradient``, given the stored ‖g‖ (called once, after the first pass).
+            loss_scaled: an fp16 loss scaler checks the final gradient: an overflow of the first pass (g not finite,
+                so ``e = 0``) is handed on to it as NaN in the SAM gradient, so that it skips the step even when the
+                second pass did not overflow.
         """
         params, others = list(params), list(others)
         stash = _take_grads(params + others)  # gradient of earlier micro-batches, set aside
@@ -134,6 +146,9 @@ class TwoPassStep:
             renormalizes = functional.uses_renormalization(variant, renormalize)
             if renormalizes:
                 functional.rescale_(ascent_grads, gamma)  # g_asc ← γ·g_asc
+            if loss_scaled and ascent_grads:  # + 0, or + NaN after a first-pass overflow: the scaler skips the step
+                overflow = torch.where(torch.isfinite(grad_norm), 0.0, float("nan")).to(ascent_grads[0].dtype)
+                torch._foreach_add_(ascent_grads, overflow)
             for p in others:
                 p.grad = None  # a parameter outside the SAM set drops the second pass's gradient ...
             _give_back_grads(others, plain)  # ... and keeps the plain gradient of the first pass
@@ -294,6 +309,7 @@ class SSAMBackward:
         result = self._step.run(
             params, others, one_pass, one_pass, variant=self.variant, rho=self.rho, renormalize=self.renormalize,
             asam_eta=self.asam_eta, replay_rng=self.replay_rng, batchnorm_layers=self._batchnorm,
+            loss_scaled=scaler_enabled(self._scaler()),
             unscale=lambda like: like.new_tensor(k) / loss_scale_of(self._scaler()),  # stored = scale · g / k
         )  # fmt: skip
         self._micro_batches += 1

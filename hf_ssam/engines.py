@@ -21,6 +21,7 @@ __all__ = [
     "is_fsdp2",
     "loss_scale_of",
     "pass_sync_context",
+    "scaler_enabled",
     "torch_reduce_mean",
 ]
 
@@ -90,9 +91,14 @@ def torch_reduce_mean(flat: Tensor) -> Tensor:
     return flat.div_(torch.distributed.get_world_size())
 
 
+def scaler_enabled(scaler: Any) -> bool:
+    """Whether ``scaler`` (a `torch.amp.GradScaler` or None) scales the loss."""
+    return scaler is not None and scaler.is_enabled()
+
+
 def loss_scale_of(scaler: Any) -> float | Tensor:
     """The fp16 loss scale multiplying the gradients (1 without an enabled scaler), as a device tensor: no sync."""
-    if scaler is None or not scaler.is_enabled():
+    if not scaler_enabled(scaler):
         return 1.0
     scale = scaler._get_scale_async() if hasattr(scaler, "_get_scale_async") else None
     return scaler.get_scale() if scale is None else scale

@@ -19,7 +19,7 @@ from transformers import Trainer, TrainingArguments
 from . import normalization
 from .arguments import SSAMTrainingArguments, _fsdp_refusal, _SAMArgumentsMixin, sam_arguments
 from .backward import TwoPassStep
-from .engines import all_reduce_mean_, is_ddp, is_fsdp2, loss_scale_of, pass_sync_context
+from .engines import all_reduce_mean_, is_ddp, is_fsdp2, loss_scale_of, pass_sync_context, scaler_enabled
 from .normalization import LossKind
 from .optimizer import SSAMOptimizer
 from .passes import PreparedInputs, batchnorm_modules, leave_no_trace, shallow_copy
@@ -152,6 +152,7 @@ class SSAMMixin:
             params, others, first_pass, second_pass, variant=args.sam_variant, rho=args.sam_rho,
             renormalize=args.sam_renormalize, asam_eta=args.sam_asam_eta, unscale=unscale,
             replay_rng=args.sam_replay_rng, batchnorm_layers=self._batchnorm_layers(model),
+            loss_scaled=scaler_enabled(getattr(self.accelerator, "scaler", None)),
         )  # fmt: skip
         if not args.sam_sync_ascent and self.accelerator.sync_gradients and is_ddp(model):
             reduce_mean = lambda flat: self.accelerator.reduce(flat, reduction="mean")  # noqa: E731

@@ -175,6 +175,29 @@ def test_accelerate_fp16_scaler_equals_the_unscaled_run_and_skips_an_overflow():
     assert sam_backward.metrics()["sam/skipped"] == 1
 
 
+@pytest.mark.parametrize("overflow_in", ["first", "second"])
+def test_plain_loop_grad_scaler_skips_an_overflow_in_either_pass(overflow_in):
+    theta, x, y = data(n=8, d=3)
+    model = LinReg(theta)
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    sam_backward = SSAMBackward(model, opt, variant="ssam", rho=RHO, grad_scaler=scaler)
+    backwards = []
+
+    def plant(g):
+        backwards.append(1)
+        return torch.full_like(g, float("nan")) if len(backwards) == (1 if overflow_in == "first" else 2) else g
+
+    handle = model.w.register_hook(plant)
+    sam_backward(lambda: model(torch.tensor(x), torch.tensor(y))["loss"])
+    handle.remove()
+    np.testing.assert_array_equal(_theta(model), theta)  # w restored after the passes
+    scaler.step(opt)
+    scaler.update()
+    np.testing.assert_array_equal(_theta(model), theta)  # the scaler skipped the step
+    assert scaler.get_scale() == 2.0**11
+
+
 def test_bf16_autocast_is_within_bf16_tolerance_of_fp32():
     k = 2
     theta, x, y = data(n=BATCH * k * STEPS, d=3)

@@ -397,6 +397,28 @@ def test_fp16_overflow_in_the_ascent_pass_skips_the_perturbation_and_the_step(tm
     assert trainer.sam_metrics()["sam/skipped"] == 1
 
 
+def test_fp16_overflow_in_the_first_pass_alone_still_skips_the_step(tmp_path):
+    """g overflowed, g_asc (at w: e = 0) did not: the scaler must still see the overflow and skip the step."""
+    theta, x, y = data(n=8)
+    trainer = _manual_step_trainer(tmp_path, theta, x, y, variant="ssam")
+    model = trainer.model
+    backwards = []
+
+    def plant(g):
+        backwards.append(1)
+        return torch.full_like(g, float("inf")) if len(backwards) == 1 else g
+
+    handle = model.w.register_hook(plant)
+    trainer.training_step(model, {"x": torch.tensor(x), "labels": torch.tensor(y)})
+    handle.remove()
+    assert len(backwards) == 2
+    scaler = trainer.accelerator.scaler
+    scaler.step(trainer.optimizer)
+    scaler.update()
+    np.testing.assert_array_equal(_theta(model), theta)  # skipped
+    assert scaler.get_scale() == 2.0**11
+
+
 def test_zero_gradient_never_produces_nan(tmp_path):
     theta = np.zeros(4)
     x, y = np.zeros((8, 3)), np.zeros(8)
