@@ -245,9 +245,18 @@ class SSAMMixin:
         self.args.check_sam_settings()  # sam_* fields as search dimensions: same checks as at construction
 
     def create_model_card(self, *args: Any, **kwargs: Any) -> None:
-        """`Trainer.create_model_card`, with the SAM settings and the SSAM citation added to the card."""
-        super().create_model_card(*args, **kwargs)
+        """`Trainer.create_model_card`, with the SAM settings and the SSAM citation added to the card.
+
+        A model without a `transformers` config (a timm model, a plain `nn.Module`), for which the Trainer writes no
+        card, gets a card holding the SAM section alone.
+        """
         path = os.path.join(self.args.output_dir, "README.md")
+        if getattr(self.accelerator.unwrap_model(self.model), "config", None) is not None:
+            super().create_model_card(*args, **kwargs)
+        elif self.is_world_process_zero():
+            os.makedirs(self.args.output_dir, exist_ok=True)
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(f"# {os.path.basename(os.path.normpath(self.args.output_dir))}\n")
         if not self.is_world_process_zero() or not os.path.isfile(path):
             return
         with open(path, encoding="utf-8") as f:

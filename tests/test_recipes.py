@@ -271,6 +271,8 @@ def _finite_loss_and_metric(result: dict) -> None:
 def test_vit_offline_default_runs(tmp_path: Path) -> None:
     argv = f"--output_dir {tmp_path} --max_train_samples 96 --max_eval_samples 32".split()
     _finite_loss_and_metric(vit_imagenet.main(SHORT_RUN + argv))
+    card = (tmp_path / "README.md").read_text()  # a timm model has no transformers config: the SAM section alone
+    assert "### Sharpness-aware training" in card
 
 
 def test_vit_runs_on_an_image_folder(tmp_path: Path) -> None:
