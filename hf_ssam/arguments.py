@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
@@ -26,6 +27,9 @@ class _SAMArgumentsMixin:
     sam_sync_ascent: bool
     sam_interval: int
     sam_replay_rng: bool
+    sam_start: float
+    sam_reuse: bool
+    sam_reuse_alpha: float
 
     def __post_init__(self) -> None:
         # DeepSpeed first: TrainingArguments would otherwise fail on a missing `deepspeed` package before this check.
@@ -54,7 +58,7 @@ class _SAMArgumentsMixin:
         must be bools (`HfArgumentParser` turns `--sam_sync_ascent false` and YAML's `false` into one); a string
         such as `"false"` is refused, not read as true.
         """
-        for name in ("sam_rho", "sam_asam_eta"):
+        for name in ("sam_rho", "sam_asam_eta", "sam_reuse_alpha", "sam_start"):
             value = getattr(self, name)
             if isinstance(value, str):
                 try:
@@ -64,12 +68,20 @@ class _SAMArgumentsMixin:
         check_sam_config(self.sam_variant, self.sam_rho, self.sam_renormalize, self.sam_asam_eta)
         if isinstance(self.sam_interval, bool) or not isinstance(self.sam_interval, int) or self.sam_interval < 1:
             raise ValueError(f"sam_interval={self.sam_interval!r} is invalid; it must be an integer >= 1.")
-        for name in ("sam_sync_ascent", "sam_replay_rng"):
+        _check_start(self.sam_start)
+        if not _is_finite_non_negative(self.sam_reuse_alpha):
+            raise ValueError(f"sam_reuse_alpha={self.sam_reuse_alpha!r} is invalid; it must be a finite number >= 0.")
+        for name in ("sam_sync_ascent", "sam_replay_rng", "sam_reuse"):
             value = getattr(self, name)
             if not isinstance(value, bool):  # "false" and None would otherwise act as True and False
                 raise ValueError(
                     f"{name}={value!r} is invalid; choose one of [True, False] (a bool, not {type(value).__name__})."
                 )
+        if self.sam_reuse and self.sam_interval == 1:
+            raise ValueError(
+                "sam_reuse=True with sam_interval=1 is invalid: every step is a SAM step, so there is no step to "
+                "reuse the SAM direction on. Set sam_interval > 1 (e.g. 5) or sam_reuse=False."
+            )
         if self.fsdp and self.sam_variant != NO_SAM:
             plugin_args = getattr(self, "fsdp_plugin_args", None)
             version = None if plugin_args is None else plugin_args.get("fsdp_version")  # None: FSDP on XLA
@@ -78,6 +90,14 @@ class _SAMArgumentsMixin:
             refusal = _fsdp_refusal(f"fsdp={shown!r}", version, self, fp16=self.fp16)
             if refusal:
                 raise ValueError(refusal)
+
+    def sam_start_step(self, max_steps: int) -> int:
+        """The first optimizer step that may be a SAM step: `sam_start` as a step, or as a fraction of ``max_steps``
+        rounded up (as `warmup_steps` converts a ratio: ``ceil(fraction · max_steps)``)."""
+        start = self.sam_start
+        if isinstance(start, float) and start < 1:
+            return math.ceil(start * max_steps)
+        return int(start)
 
     @property
     def sam_enabled(self) -> bool:
@@ -130,6 +150,18 @@ class SSAMTrainingArguments(_SAMArgumentsMixin, TrainingArguments):
         sam_replay_rng (`bool`, *optional*, defaults to `True`):
             Replay the random number generators in the second pass so that both passes see the same dropout masks
             (both gradients then come from the same function).
+        sam_start (`int` or `float`, *optional*, defaults to `0`):
+            Optimizer steps before it are plain single-pass steps (late-phase SAM). An int `>= 0` is a step; a float
+            in `[0, 1)` is a fraction of the run's optimizer steps, rounded up (`ceil(sam_start · max_steps)`, as a
+            warmup ratio is converted); a whole float (`100.0`, as the command line gives it) is a step. From step
+            `start` on, step `s` is a SAM step when `(s − start) % sam_interval == 0`.
+        sam_reuse (`bool`, *optional*, defaults to `False`):
+            Reuse the SAM direction between SAM steps (LookSAM-style): each SAM step keeps
+            `v = g_asc − (⟨g_asc, g⟩/‖g‖²)·g` (the part of `g_asc` orthogonal to `g`; the mean over micro-batches),
+            and the other steps from `start` on run one pass and use `g + α·(‖g‖/‖v‖)·v`, rescaled to `‖g‖` when
+            the variant renormalizes. Requires `sam_interval > 1`. Costs one copy of the trainable parameters.
+        sam_reuse_alpha (`float`, *optional*, defaults to `0.7`):
+            α, the weight of the reused direction, `>= 0`.
 
     Raises:
         ValueError: when built (and again when training starts, for values set afterwards), naming the field, the
@@ -137,6 +169,8 @@ class SSAMTrainingArguments(_SAMArgumentsMixin, TrainingArguments):
             number >= 0 (booleans refused; a string that spells a number, as YAML gives `5e-2`, is converted first);
             `sam_renormalize` other than None/True/False, or False with `"ssam"`; `sam_sync_ascent` or
             `sam_replay_rng` not a bool (`"false"` and `None` refused); `sam_interval` not an integer >= 1;
+            `sam_start` negative, a bool or a float >= 1 that is not whole; `sam_reuse` not a bool, or True with
+            `sam_interval=1`; `sam_reuse_alpha` not a finite number >= 0;
             DeepSpeed; FSDP other than FSDP2 with `sam_sync_ascent=True`.
     """
 
@@ -172,9 +206,47 @@ class SSAMTrainingArguments(_SAMArgumentsMixin, TrainingArguments):
         default=True,
         metadata={"help": "Replay the RNG in the second pass so both passes see the same dropout masks."},
     )
+    sam_start: float = field(
+        default=0,
+        metadata={
+            "help": "Plain steps before SAM starts (late-phase SAM): an optimizer step (int >= 0), or a fraction "
+            "in [0, 1) of the run's optimizer steps, rounded up."
+        },
+    )
+    sam_reuse: bool = field(
+        default=False,
+        metadata={
+            "help": "Between SAM steps, reuse the part of the SAM gradient orthogonal to g (LookSAM-style): one "
+            "pass, g + alpha*(||g||/||v||)*v. Needs sam_interval > 1."
+        },
+    )
+    sam_reuse_alpha: float = field(
+        default=0.7, metadata={"help": "alpha, the weight of the reused SAM direction (>= 0)."}
+    )
 
 
 _MADE: dict[type, type] = {TrainingArguments: SSAMTrainingArguments}
+
+
+def _check_start(start: Any) -> None:
+    whole = isinstance(start, float) and math.isfinite(start) and start.is_integer()
+    if (
+        isinstance(start, bool)
+        or not isinstance(start, (int, float))
+        or not math.isfinite(start)
+        or start < 0
+        or (isinstance(start, float) and start >= 1 and not whole)
+    ):
+        raise ValueError(
+            f"sam_start={start!r} is invalid; it must be an optimizer step (an integer >= 0) or a fraction of the "
+            "run's steps (a float in [0, 1))."
+        )
+
+
+def _is_finite_non_negative(value: Any) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return 0 <= value < float("inf")
 
 
 def _fsdp_refusal(source: str, version: int | None, args: Any, fp16: bool) -> str | None:

@@ -50,6 +50,7 @@ class MicroBatchResult:
     ascent_grad_norm: Tensor  # ‖g_asc‖
     gamma: Tensor  # γ = ‖g‖/‖g_asc‖
     skipped: Tensor  # the perturbation or the rescale was skipped (zero or non-finite norm)
+    orthogonal: list[Tensor] | None = None  # v = g_asc − (⟨g_asc, g⟩/‖g‖²)·g in units of g, one per param (reuse)
 
 
 class TwoPassStep:
@@ -80,6 +81,7 @@ class TwoPassStep:
         replay_rng: bool = True,
         batchnorm_layers: Sequence[nn.Module] = (),
         loss_scaled: bool = False,
+        keep_orthogonal: bool = False,
     ) -> MicroBatchResult:
         """One micro-batch: ``.grad`` of ``params`` gains its SAM gradient, ``others`` their plain gradient.
 
@@ -92,6 +94,8 @@ class TwoPassStep:
             loss_scaled: an fp16 loss scaler checks the final gradient: an overflow of the first pass (g not finite,
                 so ``e = 0``) is handed on to it as NaN in the SAM gradient, so that it skips the step even when the
                 second pass did not overflow.
+            keep_orthogonal: also return ``v``, the part of ``g_asc`` orthogonal to ``g`` (reused between SAM
+                steps).
         """
         params, others = list(params), list(others)
         stash = _take_grads(params + others)  # gradient of earlier micro-batches, set aside
@@ -107,6 +111,7 @@ class TwoPassStep:
                 grads = [p.grad for p in with_grad]
                 grad_norm = functional.global_norm(grads)  # ‖g‖ (stored units)
                 grad_unscale = unscale(grad_norm)  # g = stored · u
+                kept = [t.clone() for t in grads] if keep_orthogonal else None  # g, for v (one more copy)
                 scale = functional.perturbation_scale(
                     variant, rho, grad_norm, params=with_grad, grads=grads, asam_eta=asam_eta,
                     grad_unscale=grad_unscale,
@@ -139,6 +144,15 @@ class TwoPassStep:
         with torch.no_grad():
             functional.restore_(with_grad, backup)  # w, exactly
             torch.clear_autocast_cache()  # ... nor of w + e after it
+            orthogonal = None
+            if kept is not None:
+                at_w_plus_e = [p.grad if p.grad is not None else torch.zeros_like(p) for p in with_grad]
+                v = functional.orthogonal_part(at_w_plus_e, kept, grad_norm)  # v = g_asc − (⟨g_asc, g⟩/‖g‖²)·g
+                functional.rescale_(v, torch.as_tensor(grad_unscale, device=grad_norm.device))  # in units of g
+                by_param = {id(p): t for p, t in zip(with_grad, v)}
+                orthogonal = [by_param.get(id(p), None) for p in params]
+                orthogonal = [torch.zeros_like(p) if t is None else t for p, t in zip(params, orthogonal)]
+                del kept
             with_grad = [p for p in params if p.grad is not None]
             ascent_grads = [p.grad for p in with_grad]
             ascent_grad_norm = functional.global_norm(ascent_grads)  # ‖g_asc‖ (stored units)
@@ -155,8 +169,40 @@ class TwoPassStep:
             _give_back_grads(params + others, stash)  # + earlier micro-batches
         skipped = ~valid | rescale_skipped if renormalizes else ~valid
         return MicroBatchResult(
-            loss, ascent_loss, grad_norm * grad_unscale, ascent_grad_norm * grad_unscale, gamma, skipped
+            loss, ascent_loss, grad_norm * grad_unscale, ascent_grad_norm * grad_unscale, gamma, skipped, orthogonal
         )
+
+    def run_reuse(
+        self,
+        params: Sequence[nn.Parameter],
+        one_pass: Callable[[], Tensor],
+        direction: Sequence[Tensor] | None,
+        *,
+        alpha: float,
+        renormalize: bool,
+    ) -> tuple[Tensor, Tensor]:
+        """One micro-batch of a step between SAM steps: one pass at ``w``, then ``g ← g + α·(‖g‖/‖v‖)·v`` for this
+        micro-batch's ``g`` (``direction`` is ``v``, one tensor per param; None: a plain pass). Returns the loss and
+        whether ``v`` was used. An exception leaves the gradient of earlier micro-batches as it was."""
+        params = list(params)
+        stash = _take_grads(params)  # earlier micro-batches, set aside: the direction applies to this one's g
+        try:
+            loss = one_pass()
+        except BaseException:
+            for p in params:
+                p.grad = None
+            _give_back_grads(params, stash)
+            raise
+        with torch.no_grad():
+            if direction is None:
+                used = torch.zeros((), dtype=torch.bool)
+            else:
+                pairs = [(p.grad, v) for p, v in zip(params, direction) if p.grad is not None]
+                used = functional.add_reused_direction_(
+                    [g for g, _ in pairs], [v for _, v in pairs], alpha, renormalize
+                )  # g + α·(‖g‖/‖v‖)·v
+            _give_back_grads(params, stash)
+        return loss, used
 
 
 # ------------------------------------------------------------------------------------ gradient bookkeeping

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "all_reduce_mean_",
+    "all_reduce_tensors_mean_",
     "fsdp2_gradient_sync",
     "is_ddp",
     "is_fsdp2",
@@ -75,15 +76,20 @@ def pass_sync_context(
 
 def all_reduce_mean_(params: Sequence[nn.Parameter], reduce_mean: Callable[[Tensor], Tensor]) -> None:
     """Local-ascent mode: average the accumulated SAM gradient over replicas, one flat all-reduce per dtype."""
-    by_dtype: dict[torch.dtype, list[nn.Parameter]] = {}
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-        by_dtype.setdefault(p.grad.dtype, []).append(p)
+    all_reduce_tensors_mean_([p.grad for p in params], reduce_mean)
+
+
+def all_reduce_tensors_mean_(tensors: Sequence[Tensor], reduce_mean: Callable[[Tensor], Tensor]) -> None:
+    """Average ``tensors`` over replicas in place, one flat all-reduce per dtype."""
+    by_dtype: dict[torch.dtype, list[Tensor]] = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
     for group in by_dtype.values():
-        grads = [p.grad for p in group]
-        flat = reduce_mean(torch._utils._flatten_dense_tensors(grads))
-        torch._foreach_copy_(grads, torch._utils._unflatten_dense_tensors(flat, grads))
+        flat = reduce_mean(torch._utils._flatten_dense_tensors(group))
+        torch._foreach_copy_(group, torch._utils._unflatten_dense_tensors(flat, group))
 
 
 def torch_reduce_mean(flat: Tensor) -> Tensor:

@@ -31,10 +31,13 @@ from .variants import VARIANTS
 
 __all__ = [
     "PERTURBATIONS",
+    "add_reused_direction_",
     "ascend_",
     "check_gamma_bounds",
     "clip_renormalization_factor",
+    "global_dot",
     "global_norm",
+    "orthogonal_part",
     "perturbation_scale",
     "renormalization_factor",
     "rescale_",
@@ -146,6 +149,61 @@ def global_norm(tensors: Sequence[Tensor]) -> Tensor:
     """
     dtype = torch.float64 if len(tensors) and tensors[0].dtype == torch.float64 else torch.float32
     return _norm(_locals(tensors), tensors, dtype)
+
+
+def global_dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
+    """``⟨a, b⟩`` over all the tensors (DTensors: of the full tensors; one scalar all-reduce per set of shard
+    groups)."""
+    la, lb = _locals(a), _locals(b)
+    dtype = torch.float64 if len(a) and a[0].dtype == torch.float64 else torch.float32
+    if not la:
+        return torch.zeros((), dtype=dtype)
+    products = [(x.to(dtype) * y.to(dtype)).sum() for x, y in zip(la, lb)]  # ⟨a_i, b_i⟩ per tensor (local shard)
+    products = _on_device(products, products[0].device)
+    buckets: dict[tuple, list[Tensor]] = {}
+    for d, t in zip(products, a):
+        buckets.setdefault(_shard_groups(t), []).append(d)
+    total = torch.zeros((), dtype=dtype, device=products[0].device)
+    for groups, ds in buckets.items():
+        partial = torch.stack(ds).sum()
+        for group in groups:
+            torch.distributed.all_reduce(partial, group=group)  # Σ over the shards: each element once
+        total = total + partial.to(total.device)
+    return total
+
+
+def orthogonal_part(g_asc: Sequence[Tensor], g: Sequence[Tensor], g_norm: Tensor) -> list[Tensor]:
+    """``v = g_asc − (⟨g_asc, g⟩/‖g‖²)·g``: the part of ``g_asc`` orthogonal to ``g`` (new tensors; zero when ‖g‖ is
+    zero or not finite)."""
+    coef = global_dot(g_asc, g) / g_norm.square()  # ⟨g_asc, g⟩/‖g‖²
+    valid = torch.isfinite(coef)
+    coef = torch.where(valid, coef, torch.zeros_like(coef))
+    v = [a.detach().clone() for a in g_asc]
+    local_v, local_g = _locals(v), _locals(g)
+    for t, gi in zip(local_v, local_g):
+        t.sub_(coef.to(t.device, t.dtype) * gi)  # v = g_asc − coef·g
+    zero_unless_(v, valid)
+    return v
+
+
+def add_reused_direction_(grads: Sequence[Tensor], v: Sequence[Tensor], alpha: float, renormalize: bool) -> Tensor:
+    """``g ← g + α·(‖g‖/‖v‖)·v`` in place (LookSAM-style reuse), rescaled to ``‖g‖`` when ``renormalize``.
+
+    Only the direction of ``v`` matters, so ``v`` may be in other units than ``g``. Returns whether it was applied
+    (a boolean scalar on the device): with a zero or non-finite ‖g‖ or ‖v‖, ``g`` is left as it is.
+    """
+    g_norm, v_norm = global_norm(grads), global_norm(v)  # ‖g‖, ‖v‖
+    scale = alpha * g_norm / v_norm  # α·‖g‖/‖v‖
+    used = torch.isfinite(scale) & (v_norm > 0) & (g_norm > 0) & torch.isfinite(g_norm)
+    scale = torch.where(used, scale, torch.zeros_like(scale))
+    local_g, local_v = _locals(grads), _locals(v)
+    for t, vi in zip(local_g, local_v):
+        t.add_(scale.to(t.device, t.dtype) * vi.to(t.device, t.dtype))  # g + α·(‖g‖/‖v‖)·v
+    if renormalize:
+        new_norm = global_norm(grads)
+        factor = torch.where(used & (new_norm > 0), g_norm / new_norm, torch.ones_like(g_norm))  # ‖g‖/‖g'‖
+        rescale_(grads, factor)
+    return used
 
 
 def perturbation_scale(

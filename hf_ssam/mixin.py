@@ -16,10 +16,18 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
-from . import normalization
+from . import functional, normalization
 from .arguments import SSAMTrainingArguments, _fsdp_refusal, _SAMArgumentsMixin, sam_arguments
 from .backward import TwoPassStep
-from .engines import all_reduce_mean_, is_ddp, is_fsdp2, loss_scale_of, pass_sync_context, scaler_enabled
+from .engines import (
+    all_reduce_mean_,
+    all_reduce_tensors_mean_,
+    is_ddp,
+    is_fsdp2,
+    loss_scale_of,
+    pass_sync_context,
+    scaler_enabled,
+)
 from .normalization import LossKind
 from .optimizer import SSAMOptimizer
 from .passes import PreparedInputs, batchnorm_modules, leave_no_trace, shallow_copy
@@ -114,6 +122,8 @@ class SSAMMixin:
         self._sam_loss_kind: tuple[nn.Module, LossKind] | None = None
         self._sam_bn_cache: tuple[nn.Module, list[nn.Module]] | None = None
         self._sam_step = TwoPassStep()
+        self._sam_direction: tuple[list[int], list[torch.Tensor]] | None = None  # v of the last SAM step (reuse)
+        self._sam_direction_sum: list[torch.Tensor] | None = None
         self._sam_metrics = MetricsAccumulator()
 
     # ----------------------------------------------------------------------------------------- the step
@@ -126,12 +136,18 @@ class SSAMMixin:
     ) -> torch.Tensor:
         """One micro-batch of a SAM-family step; returns the loss at `w`, exactly as `Trainer` reports it."""
         args = self.args
-        if not args.sam_enabled or self.state.global_step % args.sam_interval != 0:
+        kind = self._kind_of_step()
+        k = self.current_gradient_accumulation_steps
+        self._sam_metrics.tracks_reuse = args.sam_enabled and args.sam_reuse
+        if kind == "plain":
+            if self._sam_metrics.tracks_reuse:
+                self._sam_metrics.count_step(k, self.args.device)
             return super().training_step(model, inputs, num_items_in_batch)
 
         params, others = self._sam_param_sets(model)
-        k = self.current_gradient_accumulation_steps
         trainer_pass = super().training_step  # the Trainer's own forward/backward (or the subclass's wrapper)
+        if kind == "reuse":
+            return self._reuse_step(model, params, others, lambda: trainer_pass(model, inputs, num_items_in_batch), k)
         prepared = PreparedInputs(self)
 
         def first_pass() -> torch.Tensor:
@@ -152,15 +168,68 @@ class SSAMMixin:
             params, others, first_pass, second_pass, variant=args.sam_variant, rho=args.sam_rho,
             renormalize=args.sam_renormalize, asam_eta=args.sam_asam_eta, unscale=unscale,
             replay_rng=args.sam_replay_rng, batchnorm_layers=self._batchnorm_layers(model),
-            loss_scaled=scaler_enabled(getattr(self.accelerator, "scaler", None)),
+            loss_scaled=scaler_enabled(getattr(self.accelerator, "scaler", None)), keep_orthogonal=args.sam_reuse,
         )  # fmt: skip
-        if not args.sam_sync_ascent and self.accelerator.sync_gradients and is_ddp(model):
-            reduce_mean = lambda flat: self.accelerator.reduce(flat, reduction="mean")  # noqa: E731
-            all_reduce_mean_(params + [p for p in others if p.grad is not None], reduce_mean)
+        self._all_reduce_local_ascent(model, params, others)
+        if result.orthogonal is not None:
+            self._keep_direction(model, params, result.orthogonal, k)
         self._sam_metrics.add(
             result.grad_norm, result.ascent_grad_norm, result.gamma, result.ascent_loss, result.skipped, k
         )
         return result.loss
+
+    def _kind_of_step(self) -> str:
+        """``"sam"`` (two passes), ``"reuse"`` (one pass plus the kept direction) or ``"plain"``, for this step."""
+        args = self.args
+        if not args.sam_enabled:
+            return "plain"
+        step, start = self.state.global_step, args.sam_start_step(self.state.max_steps)
+        if step < start:
+            return "plain"
+        if (step - start) % args.sam_interval == 0:
+            return "sam"
+        return "reuse" if args.sam_reuse else "plain"
+
+    def _reuse_step(self, model, params, others, trainer_pass, k: int) -> torch.Tensor:
+        """One pass at ``w``; this micro-batch's ``g ← g + α·(‖g‖/‖v‖)·v`` with the direction kept at the last SAM
+        step (plain before the first one, counted in `sam/skipped`)."""
+        args = self.args
+
+        def one_pass() -> torch.Tensor:
+            with self._pass_sync_context(model):
+                return trainer_pass()
+
+        renormalize = functional.uses_renormalization(args.sam_variant, args.sam_renormalize)
+        direction = self._sam_direction[1] if self._sam_direction is not None else None
+        if direction is not None and self._sam_direction[0] != [id(p) for p in params]:
+            direction = None  # the SAM set changed (unfreezing): plain until the next SAM step
+        loss, used = self._sam_step.run_reuse(
+            params, one_pass, direction, alpha=args.sam_reuse_alpha, renormalize=renormalize
+        )
+        self._all_reduce_local_ascent(model, params, others)
+        self._sam_metrics.count_step(k, self.args.device, reused=used)
+        return loss
+
+    def _keep_direction(self, model: nn.Module, params: list[nn.Parameter], v: list[torch.Tensor], k: int) -> None:
+        """Accumulate the micro-batches' ``v`` (their mean); at the boundary it becomes the step's direction."""
+        with torch.no_grad():
+            if self._sam_direction_sum is None:
+                self._sam_direction_sum = [t.div_(k) for t in v]
+            else:
+                torch._foreach_add_(self._sam_direction_sum, [t.div_(k) for t in v])
+            if self.accelerator.sync_gradients:
+                mean = self._sam_direction_sum
+                if not self.args.sam_sync_ascent and is_ddp(model):  # the same direction on every replica
+                    reduce_mean = lambda flat: self.accelerator.reduce(flat, reduction="mean")  # noqa: E731
+                    all_reduce_tensors_mean_(mean, reduce_mean)
+                self._sam_direction = ([id(p) for p in params], mean)
+                self._sam_direction_sum = None
+
+    def _all_reduce_local_ascent(self, model: nn.Module, params: list, others: list) -> None:
+        """Local ascent under DDP: one all-reduce of the accumulated gradient at the accumulation boundary."""
+        if not self.args.sam_sync_ascent and self.accelerator.sync_gradients and is_ddp(model):
+            reduce_mean = lambda flat: self.accelerator.reduce(flat, reduction="mean")  # noqa: E731
+            all_reduce_mean_(params + [p for p in others if p.grad is not None], reduce_mean)
 
     # -------------------------------------------------------------------------------------- helpers
 
@@ -238,7 +307,35 @@ class SSAMMixin:
         self.args.check_sam_settings()  # fields set after construction get the construction-time checks
         self._check_fsdp()
         self._sam_metrics.clear()  # no metrics of an earlier train() in the first log of this one
+        self._sam_direction = self._sam_direction_sum = None  # a resumed run loads its own (`_load_rng_state`)
         return super().train(*args, **kwargs)
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        """The checkpoint's RNG state, and the reused SAM direction ``v`` of this process (its shards under FSDP2)."""
+        super()._save_rng_state(output_dir)
+        if self._sam_direction is not None:
+            local = [t.to_local() if hasattr(t, "to_local") else t for t in self._sam_direction[1]]
+            torch.save(local, os.path.join(output_dir, _DIRECTION_FILE.format(self.args.process_index)))
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        """`Trainer._load_rng_state` on resume, and the reused SAM direction saved with the checkpoint."""
+        super()._load_rng_state(checkpoint)
+        path = (
+            None if checkpoint is None else os.path.join(checkpoint, _DIRECTION_FILE.format(self.args.process_index))
+        )
+        if path is None or not os.path.isfile(path):
+            return
+        params, _ = self._sam_param_sets(self.model_wrapped)
+        local = torch.load(path, map_location="cpu", weights_only=True)
+        direction = []
+        for p, t in zip(params, local):
+            if hasattr(p, "to_local"):  # an FSDP2 shard: rebuilt on the parameter's mesh and placements
+                from torch.distributed.tensor import DTensor
+
+                direction.append(DTensor.from_local(t.to(p.device), p.device_mesh, p.placements))
+            else:
+                direction.append(t.to(p.device))
+        self._sam_direction = ([id(p) for p in params], direction)
 
     def _hp_search_setup(self, trial: Any) -> None:
         super()._hp_search_setup(trial)
@@ -288,6 +385,9 @@ def _refuse_online_rl(cls: type) -> None:
             "batch (Trainer, SFTTrainer, DPOTrainer, Seq2SeqTrainer, SentenceTransformerTrainer, ...)."
         )
 
+
+#: Where a checkpoint keeps the reused SAM direction of each process.
+_DIRECTION_FILE = "sam_direction_{}.pt"
 
 #: Parameter-group keys of `SSAMOptimizer`; a base optimizer's group holding one it does not define asks for a
 #: per-group SAM setting, which the Trainer does not take (one `sam_*` setting for every parameter).

@@ -11,7 +11,7 @@ import torch
 
 from .functional import uses_renormalization
 
-__all__ = ["CARD_HEADING", "METRIC_NAMES", "MetricsAccumulator", "model_card_section"]
+__all__ = ["CARD_HEADING", "METRIC_NAMES", "MetricsAccumulator", "REUSE_METRIC", "model_card_section"]
 
 #: Keys added to the training logs, averaged over each logging window (``sam/skipped`` is a count).
 METRIC_NAMES: tuple[str, ...] = (
@@ -21,8 +21,10 @@ METRIC_NAMES: tuple[str, ...] = (
     "sam/ascent_loss",
     "sam/skipped",
 )
-# Row layout of the on-device sums.
-_GRAD_NORM, _ASCENT_GRAD_NORM, _GAMMA, _ASCENT_LOSS, _SKIPPED, _MICRO_BATCHES, _STEPS = range(7)
+#: Added with ``sam_reuse``: the fraction of the optimizer steps since the last log that used the reused direction.
+REUSE_METRIC = "sam/reused"
+# Row layout of the on-device sums: SAM micro-batches' quantities, then every micro-batch's step share.
+_GRAD_NORM, _ASCENT_GRAD_NORM, _GAMMA, _ASCENT_LOSS, _SKIPPED, _MICRO_BATCHES, _STEPS, _ALL_STEPS, _REUSED = range(9)
 
 
 class MetricsAccumulator:
@@ -30,6 +32,7 @@ class MetricsAccumulator:
 
     def __init__(self) -> None:
         self.sums: torch.Tensor | None = None
+        self.tracks_reuse = False  # report `sam/reused` (steps between SAM steps are counted with `count_step`)
 
     def add(self, grad_norm, ascent_grad_norm, gamma, ascent_loss, skipped, k: int) -> None:
         """One micro-batch of an optimizer step over ``k`` micro-batches: ‖g‖, ‖g_asc‖, γ, L(w + e), skipped."""
@@ -44,8 +47,22 @@ class MetricsAccumulator:
                 skipped.to(device, dtype),
                 torch.ones((), device=device, dtype=dtype),
                 torch.full((), 1.0 / k, device=device, dtype=dtype),
+                torch.full((), 1.0 / k, device=device, dtype=dtype),
+                torch.zeros((), device=device, dtype=dtype),
             ]
         )
+        self.sums = row if self.sums is None else self.sums + row
+
+    def count_step(self, k: int, device: torch.device, reused: torch.Tensor | None = None) -> None:
+        """One micro-batch of a step that is not a SAM step: plain, or reusing the SAM direction (``reused`` says
+        whether it was used; a reuse step that could not use it counts as skipped)."""
+        dtype = torch.float32 if device.type == "mps" else torch.float64
+        row = torch.zeros(9, device=device, dtype=dtype)
+        row[_ALL_STEPS] = 1.0 / k
+        if reused is not None:
+            used = reused.to(device, dtype)
+            row[_REUSED] = used / k
+            row[_SKIPPED] = 1.0 - used
         self.sums = row if self.sums is None else self.sums + row
 
     def clear(self) -> None:
@@ -60,7 +77,11 @@ class MetricsAccumulator:
         if accelerator is not None:
             sums = accelerator.reduce(sums.to(device), reduction="mean")
         n, steps = sums[_MICRO_BATCHES].item(), sums[_STEPS].item()
+        reuse = {REUSE_METRIC: sums[_REUSED].item() / sums[_ALL_STEPS].item()} if self.tracks_reuse else {}
+        if n == 0:  # only steps between SAM steps in this window
+            return {"sam/skipped": sums[_SKIPPED].item() * world, **reuse}
         return {
+            **reuse,
             "sam/grad_norm": sums[_GRAD_NORM].item() / n,
             "sam/ascent_grad_norm": sums[_ASCENT_GRAD_NORM].item() / n,
             "sam/gamma": sums[_GAMMA].item() / n,
