@@ -190,3 +190,47 @@ def test_start_values_that_are_accepted(tmp_path):
     assert _args(tmp_path, sam_start=100.0).sam_start_step(1000) == 100  # a whole float: a step
     assert _args(tmp_path, sam_start="0.5").sam_start_step(7) == 4  # YAML's string, a fraction rounded up
     assert _args(tmp_path, sam_start=0.75).sam_start_step(200) == 150
+
+
+@pytest.mark.parametrize("variant", ["ssam", "sam"])
+def test_reuse_with_accumulation_keeps_the_mean_direction_of_the_micro_batches(tmp_path, variant):
+    """Two micro-batches per step: v is the mean of their v_i, and each micro-batch's g_i gets the direction."""
+    start, interval, k = 1, 2, 2
+    model, trainer, forwards = _train(tmp_path, sam_variant=variant, sam_start=start, sam_interval=interval,
+                                      sam_reuse=True, per_device_train_batch_size=N // k,
+                                      gradient_accumulation_steps=k)  # fmt: skip
+    ref, data = MLP(), Points()
+    params = list(ref.parameters())
+    halves = [(data.x[i * N // k : (i + 1) * N // k], data.y[i * N // k : (i + 1) * N // k]) for i in range(k)]
+
+    def grad(x, y):
+        return _flat(torch.autograd.grad(ref(x, y)["loss"], params))
+
+    def set_w(flat):
+        with torch.no_grad():
+            torch.nn.utils.vector_to_parameters(flat, params)
+
+    w, v, kinds = _flat(params).detach().clone(), None, []
+    for s in range(STEPS):
+        updates, vs = [], []
+        sam = s >= start and (s - start) % interval == 0
+        for x, y in halves:
+            set_w(w)
+            g = grad(x, y)
+            if sam:
+                set_w(w + (RHO * g / g.norm() if variant == "sam" else RHO * g))
+                g_asc = grad(x, y)
+                vs.append(g_asc - (g_asc @ g) / (g @ g) * g)
+                updates.append(g.norm() / g_asc.norm() * g_asc if variant == "ssam" else g_asc)
+            elif s >= start and v is not None:
+                u = g + ALPHA * g.norm() / v.norm() * v
+                updates.append(g.norm() / u.norm() * u if variant == "ssam" else u)
+            else:
+                updates.append(g)
+        if sam:
+            v = sum(vs) / k  # the mean of the micro-batches' v_i
+        kinds.append("sam" if sam else "reuse" if s >= start and v is not None else "plain")
+        w = w - LR * sum(updates) / k
+    torch.testing.assert_close(_flat(model.parameters()).detach(), w, rtol=0, atol=1e-9)
+    assert forwards == [2 if kind == "sam" else 1 for kind in kinds for _ in range(k)]
+    assert "reuse" in kinds
