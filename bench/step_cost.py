@@ -6,6 +6,7 @@ Commands (from the repository root; every number in ``docs/benchmarks.md`` comes
     .venv/bin/python bench/step_cost.py --model bert --steps 60
     .venv/bin/python bench/step_cost.py --model vit --configs amp --steps 30 --no-memory   # the AMP loops only
     .venv/bin/python bench/step_cost.py --quick            # tiny smoke configuration, seconds (used by the tests)
+    .venv/bin/python bench/step_cost.py --device cuda --steps 20   # one GPU: CUDA events, + ViT-S/16 (gpu-check)
 
 Outputs (``--out``, default ``outputs/bench/step_cost/``): ``step_cost.csv`` (time per step, one row per
 configuration), ``steps.csv`` (every timed step), ``memory.csv`` (peak memory), ``checks.csv`` (the
@@ -55,6 +56,10 @@ ssam/sam <= 1.02, trainer:ssam/loop:ssam <= 1.05, bookkeeping <= 3% of the step 
 extra peak memory <= 1.1x parameter bytes (no accumulation), ssam@5/plain <= 1.25; plain-loop AMP:
 SSAMOptimizer loop / plain loop <= 2.05, SSAMOptimizer loop / hand-written loop <= 1.03.
 
+``--device cuda`` (``bench/stepcost/cuda.py``) times five configurations (plain, sam, ssam, ssam@5 Trainers and
+the hand-written SSAM loop) with CUDA events on the small BERT and ViT and a compute-bound ViT-S/16 (batch 256,
+bf16), measures ``torch.cuda.max_memory_allocated``, and exits with a message (status 2) where there is no CUDA.
+
 The parts live in ``bench/stepcost/``: ``workloads`` (models), ``timing`` (baton, clock, paired ratios),
 ``trainer_runs``, ``loop_runs`` and ``amp_loops`` (the configurations), ``bookkeeping``, ``memory`` and
 ``report`` (checks, summary, plot).
@@ -75,6 +80,7 @@ from typing import Any
 
 import _common  # noqa: I001  (first: pins the offline, single-threaded environment)
 import torch
+from stepcost import cuda, timing
 from stepcost.bookkeeping import bookkeeping_seconds
 from stepcost.configs import ALL_CONFIGS, GA_CONFIGS, GROUPS, make_runner
 from stepcost.memory import measure_memory, memory_child
@@ -89,7 +95,12 @@ def reference(config: str, configs: tuple[str, ...]) -> str:
 
 
 def time_model(
-    model_name: str, quick: bool, steps: int, warmup: int, configs: tuple[str, ...] = ALL_CONFIGS
+    model_name: str,
+    quick: bool,
+    steps: int,
+    warmup: int,
+    configs: tuple[str, ...] = ALL_CONFIGS,
+    bookkeeping: bool = True,
 ) -> tuple[list[dict[str, Any]], dict]:
     """Time the configurations on one workload, interleaved step by step; returns the table rows and extras."""
     torch.set_num_threads(1)
@@ -121,7 +132,7 @@ def time_model(
         for thread in threads:
             thread.join()
         print(f"[{model_name}] timed in {time.perf_counter() - started:.0f}s", flush=True)
-        if "loop:ssam" in runners:
+        if bookkeeping and "loop:ssam" in runners:
             batch = runners["loop:ssam"].batches[0]
             book = bookkeeping_seconds(runners["loop:ssam"].model, batch, repeats=5 if quick else 30)
     for c in configs:
@@ -172,7 +183,20 @@ def memory_configs(configs: tuple[str, ...], quick: bool) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", choices=["bert", "vit", "all"], default="all")
+    parser.add_argument(
+        "--model",
+        choices=["bert", "vit", "vit_s16", "all"],
+        default="all",
+        help="all: bert and vit (with --device cuda: bert, vit and vit_s16, a ViT-S/16 at batch 256 in bf16)",
+    )
+    parser.add_argument(
+        "--device",
+        choices=["auto", "cuda"],
+        default="auto",
+        help="auto (default): CUDA if available, else CPU thread time; cuda: one GPU, CUDA-event timing and "
+        "max_memory_allocated on plain/sam/ssam/ssam@5 Trainers and the hand-written SSAM loop (exits 2 without "
+        "CUDA)",
+    )
     parser.add_argument(
         "--steps",
         type=int,
@@ -197,6 +221,11 @@ def main(argv: list[str] | None = None) -> int:
     if steps % 5 or args.warmup % 5:
         parser.error("--steps and --warmup must be multiples of 5 (sam_interval=5 is timed over whole cycles)")
 
+    on_cuda = args.device == "cuda"
+    if on_cuda and not torch.cuda.is_available():
+        print(f"step_cost.py --device cuda: {cuda.NO_CUDA}; nothing measured.", file=sys.stderr, flush=True)
+        return 2
+
     if args.memory_child:
         print(json.dumps(memory_child(args.model, args.memory_child, args.quick, args.memory_steps)), flush=True)
         return 0
@@ -205,15 +234,20 @@ def main(argv: list[str] | None = None) -> int:
     models = ["bert", "vit"] if args.model == "all" else [args.model]
     if args.quick and args.model == "all":
         models = ["bert"]
+    if on_cuda:
+        timing.use_events()
+        configs = cuda.CUDA_CONFIGS
+        models = list(cuda.CUDA_MODELS) if args.model == "all" else [args.model]
+        for line in cuda.device_lines():
+            print(line, flush=True)
     started = time.perf_counter()
     all_rows, all_checks, all_memory, all_steps = [], [], [], []
     for model_name in models:
-        rows, extra = time_model(model_name, args.quick, steps, args.warmup, configs)
+        rows, extra = time_model(model_name, args.quick, steps, args.warmup, configs, bookkeeping=not on_cuda)
         memory = None
         if not args.no_memory:
-            memory = measure_memory(
-                Path(__file__), model_name, memory_configs(configs, args.quick), args.quick, args.memory_steps
-            )
+            chosen = cuda.CUDA_MEMORY_CONFIGS if on_cuda else memory_configs(configs, args.quick)
+            memory = measure_memory(Path(__file__), model_name, chosen, args.quick, args.memory_steps)
             pbytes = memory[0]["param_bytes"]
             ref = {m["config"]: m["peak_bytes"] for m in memory}
             for m in memory:
@@ -226,10 +260,15 @@ def main(argv: list[str] | None = None) -> int:
             all_memory += memory
         all_rows += rows
         all_steps += extra["steps"]
-        all_checks += checks_for(model_name, rows, extra, memory)
+        if on_cuda:
+            all_checks += cuda.cuda_checks(model_name, extra["times"], memory)
+        else:
+            all_checks += checks_for(model_name, rows, extra, memory)
 
     env = _common.environment()
     print("\n" + " ".join(f"{k}={v}" for k, v in env.items()))
+    if on_cuda:
+        print("\n".join(cuda.device_lines()))
     print(
         "\n"
         + _common.format_table(

@@ -35,6 +35,7 @@ class LoopRunner:
 
         self.config, self.model, self.steps, self.baton = config, model.to(DEVICE), steps, baton
         self.params = [p for p in model.parameters() if p.requires_grad]
+        self.bf16 = workload.bf16
         kind = config.split(":", 1)[1]  # plain, ssam or SSAMOptimizer
         self.opt = self.build_optimizer(kind, *base_optimizer(tmp, workload))
         b = workload.batch_size
@@ -55,6 +56,9 @@ class LoopRunner:
         return cls(self.params, **kwargs)
 
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.bf16:  # as the Trainer's bf16=True: the forward under bf16 autocast, fp32 weights and gradients
+            with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+                return self.model(**batch)["loss"]
         return self.model(**batch)["loss"]
 
     def step_plain(self, batch: dict[str, torch.Tensor]) -> None:

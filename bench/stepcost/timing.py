@@ -5,10 +5,22 @@ from __future__ import annotations
 import statistics
 import threading
 import time
+from typing import Any
 
 import torch
 
-__all__ = ["DEVICE", "PRIMARY", "Baton", "clock", "elapsed", "one_malloc_arena", "paired_ratio", "sync"]
+__all__ = [
+    "DEVICE",
+    "PRIMARY",
+    "Baton",
+    "EventSpan",
+    "clock",
+    "elapsed",
+    "one_malloc_arena",
+    "paired_ratio",
+    "sync",
+    "use_events",
+]
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -59,24 +71,89 @@ class Baton:
             self._cond.notify_all()
 
 
+#: The event class timing a step on the device's stream (``torch.cuda.Event``) once `use_events` is called; None:
+#: host clocks (the default, and all of the CPU benchmark).
+_EVENT: Any = None
+
+
+def use_events(event_cls: Any = None) -> None:
+    """Time steps with device events from now on (``--device cuda``): `clock` records a start event, `elapsed`
+    an end event and returns an `EventSpan`, `sync` no longer waits (the steps queue as in training).
+
+    ``event_cls`` defaults to ``torch.cuda.Event``; anything with ``record()``, ``synchronize()`` and
+    ``elapsed_time(end)`` in milliseconds works (the tests pass a host-clock stand-in on CPU).
+    """
+    global _EVENT
+    _EVENT = event_cls if event_cls is not None else _cuda_event
+
+
+def _cuda_event() -> Any:
+    return torch.cuda.Event(enable_timing=True)
+
+
+def use_host_clocks() -> None:
+    """Back to the host clocks (the default)."""
+    global _EVENT
+    _EVENT = None
+
+
+class EventSpan:
+    """One step timed by two device events; reads as ``(wall, cpu)`` like `elapsed`'s tuple, both the span.
+
+    The time is read only when an element is asked for (after the run: the end event is waited for then), so
+    timing a step does not stall the host.
+    """
+
+    def __init__(self, start: Any, end: Any) -> None:
+        self.start, self.end = start, end
+        self._seconds: float | None = None
+
+    @property
+    def seconds(self) -> float:
+        if self._seconds is None:
+            self.end.synchronize()
+            self._seconds = self.start.elapsed_time(self.end) / 1e3  # milliseconds on the device's stream
+        return self._seconds
+
+    def __getitem__(self, index: int) -> float:
+        if index not in (0, 1, -1, -2):
+            raise IndexError(index)
+        return self.seconds
+
+    def __len__(self) -> int:
+        return 2
+
+    def __iter__(self) -> Any:
+        return iter((self.seconds, self.seconds))
+
+
 def sync() -> None:
-    if DEVICE.type == "cuda":
+    if DEVICE.type == "cuda" and _EVENT is None:
         torch.cuda.synchronize()
 
 
 #: Which clock the ratios use: on CPU the thread's CPU time (``time.thread_time``: a shared machine's other
 #: processes do not count, the work done in this thread does, and torch runs single-threaded here), on CUDA
-#: wall time (kernels run asynchronously; every step ends with a synchronize).
+#: wall time (kernels run asynchronously; every step ends with a synchronize), or with `use_events` (``--device
+#: cuda``) the time between two CUDA events on the stream (both elements of an `EventSpan`).
 PRIMARY = 1 if DEVICE.type == "cpu" else 0
 
 
-def clock() -> tuple[float, float]:
-    """(wall, this thread's CPU time) now."""
+def clock() -> Any:
+    """(wall, this thread's CPU time) now; with `use_events`, a start event recorded on the stream."""
+    if _EVENT is not None:
+        event = _EVENT()
+        event.record()
+        return event
     return time.perf_counter(), time.thread_time()
 
 
-def elapsed(start: tuple[float, float]) -> tuple[float, float]:
-    """(wall, CPU) seconds since ``start``."""
+def elapsed(start: Any) -> Any:
+    """(wall, CPU) seconds since ``start``; with `use_events`, an `EventSpan` from the start event to a new one."""
+    if _EVENT is not None:
+        end = _EVENT()
+        end.record()
+        return EventSpan(start, end)
     wall, cpu = clock()
     return wall - start[0], cpu - start[1]
 

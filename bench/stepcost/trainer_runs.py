@@ -48,6 +48,8 @@ def make_args(config: str, workload: Workload, max_steps: int, output_dir: str, 
         dataloader_num_workers=0,
         seed=0,
     )
+    if workload.bf16:
+        common["bf16"] = True
     sam = dict(extra)
     common["gradient_accumulation_steps"] = sam.pop("gradient_accumulation_steps", 1)
     if config.startswith("trainer:plain"):

@@ -1,4 +1,7 @@
-"""The models of the step-cost benchmark: a small BERT and a small timm ViT built from configs (no download)."""
+"""The models of the step-cost benchmark: a small BERT and a small timm ViT built from configs (no download).
+
+``--device cuda`` adds ``vit_s16``: a ViT-S/16 at 224 px, batch 256, bf16 (compute-bound on one large GPU).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +11,16 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["LR", "RHO", "WORKLOADS", "ImageClassifier", "Workload", "bert_workload", "vit_workload"]
+__all__ = [
+    "LR",
+    "RHO",
+    "WORKLOADS",
+    "ImageClassifier",
+    "Workload",
+    "bert_workload",
+    "vit_s16_workload",
+    "vit_workload",
+]
 
 RHO = 0.05
 LR = 1e-4
@@ -38,6 +50,7 @@ class Workload:
     samples: Callable[[int], list[dict[str, torch.Tensor]]]
     batch_size: int
     description: str
+    bf16: bool = False  # bf16 autocast (the Trainer's bf16=True; the hand-written loops' autocast)
 
 
 def bert_workload(quick: bool) -> Workload:
@@ -111,4 +124,36 @@ def vit_workload(quick: bool) -> Workload:
     return Workload("vit", build, samples, batch, desc)
 
 
-WORKLOADS: dict[str, Callable[[bool], Workload]] = {"bert": bert_workload, "vit": vit_workload}
+def vit_s16_workload(quick: bool) -> Workload:
+    """ViT-S/16 (embed 384, depth 12, 6 heads) on 224 px images, batch 256, bf16: compute-bound on an H200."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    if quick:
+        kw = dict(img_size=32, patch_size=16, embed_dim=48, depth=2, num_heads=2, num_classes=10)
+        batch = 4
+    else:
+        kw = dict(img_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6, num_classes=1000)
+        batch = 256
+
+    def samples(n: int) -> list[dict[str, torch.Tensor]]:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(n, 3, kw["img_size"], kw["img_size"], generator=g)
+        labels = torch.randint(0, kw["num_classes"], (n,), generator=g)
+        return [{"pixel_values": x[i], "labels": labels[i]} for i in range(n)]
+
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        return ImageClassifier(VisionTransformer(**kw))
+
+    desc = (
+        f"timm VisionTransformer (ViT-S/16) embed={kw['embed_dim']} depth={kw['depth']} "
+        f"img={kw['img_size']} patch={kw['patch_size']}, batch {batch}, bf16"
+    )
+    return Workload("vit_s16", build, samples, batch, desc, bf16=True)
+
+
+WORKLOADS: dict[str, Callable[[bool], Workload]] = {
+    "bert": bert_workload,
+    "vit": vit_workload,
+    "vit_s16": vit_s16_workload,
+}
