@@ -138,3 +138,216 @@ def test_step_cost_compares_the_amp_loops_side_by_side(script: str, runs: dict[s
     with (runs[script].out / "step_cost.csv").open(newline="") as fh:
         timed = {row["config"] for row in csv.DictReader(fh)}
     assert {"amp:plain", "amp:ssam", "amp:SSAMOptimizer", "loop:SSAMOptimizer", "trainer:ssam"} <= timed
+
+
+# ------------------------------------------------------------------------- the GPU side, exercised on CPU
+#
+# `step_cost.py --device cuda` times steps with CUDA events and `make gpu-check` turns the parts' outputs into a
+# verdict table. Without a GPU, the same code runs here with a host-clock stand-in for `torch.cuda.Event` and
+# with stand-in commands for the parts.
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+NO_CUDA_HERE = pytest.mark.skipif(_has_cuda(), reason="checks the behaviour without CUDA; this machine has CUDA")
+
+
+@pytest.fixture
+def bench_modules(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    yield
+    from stepcost import timing
+
+    timing.use_host_clocks()
+
+
+class _FakeClock:
+    """A deterministic clock: each reading is 7 ms after the previous one."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def read(self) -> float:
+        self.now += 7.0
+        return self.now
+
+
+class _StandInEvent:
+    """`torch.cuda.Event(enable_timing=True)` on the host: record() reads a clock, elapsed_time in milliseconds."""
+
+    clock = _FakeClock()
+    synchronized = 0
+
+    def __init__(self) -> None:
+        self.at: float | None = None
+
+    def record(self) -> None:
+        self.at = self.clock.read()
+
+    def synchronize(self) -> None:
+        type(self).synchronized += 1
+
+    def elapsed_time(self, end: _StandInEvent) -> float:
+        assert self.at is not None and end.at is not None, "elapsed_time of an event never recorded"
+        return end.at - self.at
+
+
+def test_event_timing_reads_the_span_lazily(bench_modules) -> None:
+    from stepcost import timing
+
+    timing.use_events(_StandInEvent)
+    _StandInEvent.synchronized = 0
+    start = timing.clock()
+    timing.sync()  # no wait with events: the steps queue as in training
+    span = timing.elapsed(start)
+    assert isinstance(span, timing.EventSpan) and _StandInEvent.synchronized == 0  # nothing read yet
+    assert span[timing.PRIMARY] == span[0] == pytest.approx(0.007)  # one clock tick of the stand-in, in seconds
+    assert tuple(span) == (span[0], span[1]) and _StandInEvent.synchronized == 1  # read once, then kept
+    timing.use_host_clocks()
+    assert isinstance(timing.elapsed(timing.clock()), tuple)
+
+
+def test_cuda_mode_timing_and_checks_run_on_cpu_with_stand_in_events(bench_modules) -> None:
+    """The --device cuda path of step_cost.py (its five configurations interleaved, paired ratios, the checks)
+    on the tiny models, with the host-clock stand-in events."""
+    import step_cost
+    from stepcost import cuda, timing
+
+    timing.use_events(_StandInEvent)
+    rows, extra = step_cost.time_model("bert", True, 5, 5, cuda.CUDA_CONFIGS, bookkeeping=False)
+    assert [r["config"] for r in rows] == list(cuda.CUDA_CONFIGS)
+    assert all(len(extra["times"][c]) == 5 for c in cuda.CUDA_CONFIGS)
+    memory = [
+        {"config": "trainer:plain", "peak_bytes": 10_000, "param_bytes": 1000},
+        {"config": "trainer:ssam", "peak_bytes": 11_050, "param_bytes": 1000},
+    ]
+    checks = cuda.cuda_checks("bert", extra["times"], memory)
+    names = [c["check"] for c in checks]
+    assert names == [
+        "trainer:ssam / trainer:plain",
+        "trainer:ssam / trainer:sam",
+        "trainer:ssam / loop:ssam",
+        "trainer:ssam@5 / trainer:plain",
+        "extra peak memory trainer:ssam vs trainer:plain (x param bytes)",
+    ]
+    assert all(c["status"] in ("PASS", "FAIL") and c["target"].startswith("<= ") for c in checks)
+    assert checks[-1]["value"] == pytest.approx(1.05) and checks[-1]["status"] == "PASS"
+
+
+def test_cuda_checks_pair_the_steps_and_apply_each_models_targets(bench_modules) -> None:
+    from stepcost import cuda
+
+    plain = [1.0, 2.0, 1.0, 2.0, 1.0]
+    times = {
+        "trainer:plain": plain,
+        "trainer:sam": [1.9 * t for t in plain],
+        "trainer:ssam": [2.0 * t for t in plain],  # 2.0x, paired: the drift of the machine cancels
+        "trainer:ssam@5": [1.2 * t for t in plain],
+        "loop:ssam": [1.9 * t for t in plain],
+    }
+    by_model = {m: {c["check"]: c for c in cuda.cuda_checks(m, times, None)} for m in ("vit_s16", "bert")}
+    compute, launch = by_model["vit_s16"], by_model["bert"]
+    assert compute["trainer:ssam / trainer:plain"]["value"] == pytest.approx(2.0)
+    assert compute["trainer:ssam / trainer:plain"]["status"] == "PASS"
+    assert compute["trainer:ssam / trainer:sam"]["status"] == "FAIL"  # 1.053 > 1.02
+    assert compute["trainer:ssam / loop:ssam"]["status"] == "FAIL"  # 1.053 > 1.05
+    assert launch["trainer:ssam / loop:ssam"]["status"] == "PASS"  # the launch-bound target is looser
+    assert compute["trainer:ssam@5 / trainer:plain"]["value"] == pytest.approx(1.2)
+
+
+@NO_CUDA_HERE
+def test_step_cost_device_cuda_without_cuda_says_so_and_fails() -> None:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "step_cost.py"), "--device", "cuda"],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
+    assert proc.returncode == 2
+    assert "no CUDA device" in proc.stderr and "nothing measured" in proc.stderr
+
+
+@NO_CUDA_HERE
+def test_gpu_check_without_cuda_prints_one_line_and_exits_0(tmp_path: Path) -> None:
+    out = tmp_path / "gpu-check"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [
+        "gpu-check: no CUDA device here (torch.cuda.is_available() is False): nothing run, exit 0."
+    ]
+    assert not out.exists()  # nothing run, nothing written
+
+
+JUNIT = """<?xml version="1.0" encoding="utf-8"?>
+<testsuites><testsuite name="pytest" tests="4">
+<testcase classname="tests.test_cuda" name="test_fp16_trainer_with_the_cuda_grad_scaler" time="1.0">
+  <properties><property name="figure" value="max |fp16 - fp32| = 1.0e-04"/></properties></testcase>
+<testcase classname="tests.test_cuda" name="test_no_host_sync_in_an_ssam_optimizer_step[cuda-closure]" time="0.1">
+  <properties><property name="figure" value="0 syncs in a step"/></properties></testcase>
+<testcase classname="tests.test_cuda" name="test_bf16_trainer_on_cuda" time="0.1">
+  <failure message="AssertionError: (0.5, 1.0)&#10;more">trace</failure></testcase>
+<testcase classname="tests.test_cuda" name="test_torch_compile_on_cuda" time="0.0">
+  <skipped type="pytest.skip" message="needs a CUDA GPU">skip</skipped></testcase>
+</testsuite></testsuites>
+"""
+
+CHECKS_CSV = """model,check,value,ci95,target,status,note
+vit_s16,trainer:ssam / trainer:plain,2.01,"[1.990, 2.030]",<= 2.05,PASS,two passes
+vit_s16,extra peak memory trainer:ssam vs trainer:plain (x param bytes),1.2,,<= 1.1,FAIL,
+"""
+
+
+def test_gpu_check_parses_the_parts_and_writes_the_table(bench_modules, tmp_path: Path) -> None:
+    import gpu_check
+
+    (tmp_path / "cuda-tests.xml").write_text(JUNIT)
+    (tmp_path / "step_cost").mkdir()
+    (tmp_path / "step_cost" / "checks.csv").write_text(CHECKS_CSV)
+    tests = gpu_check.parse_junit(tmp_path / "cuda-tests.xml")
+    assert [(r.part, r.status) for r in tests] == [
+        ("1. CUDA tests", "PASS"),
+        ("2. no host sync", "PASS"),
+        ("1. CUDA tests", "FAIL"),
+        ("1. CUDA tests", "SKIP"),
+    ]
+    assert tests[0].figure == "max /fp16 - fp32/ = 1.0e-04"  # no '|' inside a markdown cell
+    assert tests[2].figure == "AssertionError: (0.5, 1.0)"
+    bench = gpu_check.parse_checks(tmp_path / "step_cost" / "checks.csv")
+    assert [r.status for r in bench] == ["PASS", "FAIL"]
+    assert bench[0].figure == "2.010 [1.990, 2.030] (target <= 2.05)"
+    assert bench[0].check == "[vit_s16] trainer:ssam / trainer:plain"
+
+
+def _part(gpu_check, name: str, code: str, limit_s: int, parse) -> object:
+    return gpu_check.Part(name, [sys.executable, "-c", code], limit_s, parse, f"{name}.log")
+
+
+def test_gpu_check_runs_the_parts_in_order_under_their_limits(bench_modules, tmp_path: Path) -> None:
+    """Stand-in commands for the parts: one writes passing results, one runs past its limit."""
+    import gpu_check
+
+    out = tmp_path / "gpu-check"
+    junit = JUNIT.split("<testcase")[0] + "<testcase" + JUNIT.split("<testcase")[1] + "</testsuite></testsuites>"
+    write = f"import pathlib; pathlib.Path({str(out / 'cuda-tests.xml')!r}).write_text({junit!r})"
+    passing = _part(gpu_check, "tests", write, 60, lambda o: gpu_check.parse_junit(o / "cuda-tests.xml"))
+    assert gpu_check.run([passing], out, ["device: stand-in"]) == 0
+    report = (out / "gpu-check.md").read_text()
+    assert "| part | check | result | figure |" in report and "- device: stand-in" in report
+    assert "| 1. CUDA tests | test_fp16_trainer_with_the_cuda_grad_scaler | PASS |" in report
+    assert "**PASS: every check passed**" in report
+
+    stuck = _part(gpu_check, "bench", "import time; time.sleep(60)", 1, lambda o: [])
+    passing = _part(gpu_check, "tests", write, 60, lambda o: gpu_check.parse_junit(o / "cuda-tests.xml"))
+    assert gpu_check.run([passing, stuck], out, []) == 1
+    assert stuck.code == 124 and passing.code == 0  # `timeout` ended the stuck part; the first ran before it
+    assert gpu_check.failures([passing, stuck]) == ["bench: past its limit of 1 s", "bench: no results"]
+    assert "**FAIL: 2 failure(s)**" in (out / "gpu-check.md").read_text()
