@@ -6,7 +6,7 @@ export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv test test-all demo docs lint clean
+.PHONY: venv test test-all demo docs lint clean gpu-check
 
 venv: .venv/.installed
 
@@ -28,6 +28,12 @@ demo: venv
 
 docs: venv
 	.venv/bin/mkdocs build --strict --site-dir site
+
+# The GPU verification (CUDA tests, the sync check, step cost on the GPU) in under 8 minutes: outputs/gpu-check/.
+# Without CUDA: one line, exit 0. Builds .venv only where there is none.
+gpu-check:
+	@command -v $(PY) >/dev/null || $(MAKE) --no-print-directory venv
+	@$(PY) bench/gpu_check.py
 
 lint: venv
 	.venv/bin/ruff check .
