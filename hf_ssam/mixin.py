@@ -56,7 +56,8 @@ class SSAMMixin:
     `args` without the `sam_*` fields are promoted to `sam_arguments(type(args))`, keeping every field of their own
     class. The optimizer is the base optimizer (AdamW unless `optim` or `optimizers=` say otherwise).
 
-    Each optimizer step (every `sam_interval` steps), for every micro-batch:
+    Each SAM step (from `sam_start` on, every `sam_interval` steps; with `sam_reuse` the steps in between run one
+    pass and add the direction kept at the last SAM step), for every micro-batch (`hf_ssam.backward.TwoPassStep`):
 
     1. the gradient accumulated by earlier micro-batches is set aside;
     2. first pass, at `w`: `g = ∇F(w)` (the Trainer's own `training_step`);
@@ -69,7 +70,9 @@ class SSAMMixin:
        SAM gradients, normalized like the Trainer's.
 
     Logs gain `sam/grad_norm`, `sam/ascent_grad_norm`, `sam/gamma`, `sam/ascent_loss` (loss at `w + e`)
-    and `sam/skipped` (micro-batches whose perturbation or rescale was skipped for a zero or non-finite norm).
+    and `sam/skipped` (micro-batches whose perturbation or rescale was skipped for a zero or non-finite norm), and
+    `sam/reused` with `sam_reuse`. An exception in either pass leaves the weights at `w` bitwise and the gradient
+    of earlier micro-batches intact.
 
     Raises:
         TypeError: at class creation, when `SSAMMixin` comes after a Trainer class in the bases.

@@ -113,6 +113,8 @@ def model_card_section(args: Any) -> str:
         f"- renormalization (g_asc rescaled to ‖g‖): {renormalize}\n"
         f"- ascent mode: {'synchronized (global-batch g)' if args.sam_sync_ascent else 'local (per-replica g)'}\n"
         f"- sam_interval: {args.sam_interval}\n"
+        + (f"- sam_start: {args.sam_start}\n" if args.sam_start else "")
+        + (f"- sam_reuse: True (sam_reuse_alpha: {args.sam_reuse_alpha})\n" if args.sam_reuse else "")
         + (f"- sam_asam_eta: {args.sam_asam_eta}\n" if args.sam_variant == "asam" else "")
         + f"\nSSAM (Tan et al., 2024):\n\n```bibtex\n{_SSAM_CITATION}\n```\n"
     )
