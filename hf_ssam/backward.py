@@ -147,12 +147,13 @@ class TwoPassStep:
             orthogonal = None
             if kept is not None:
                 at_w_plus_e = [p.grad if p.grad is not None else torch.zeros_like(p) for p in with_grad]
-                v = functional.orthogonal_part(at_w_plus_e, kept, grad_norm)  # v = g_asc − (⟨g_asc, g⟩/‖g‖²)·g
+                functional.orthogonal_part_(kept, at_w_plus_e, grad_norm)  # v = g_asc − (⟨g_asc, g⟩/‖g‖²)·g
+                v = kept
                 functional.rescale_(v, torch.as_tensor(grad_unscale, device=grad_norm.device))  # in units of g
                 by_param = {id(p): t for p, t in zip(with_grad, v)}
                 orthogonal = [by_param.get(id(p), None) for p in params]
                 orthogonal = [torch.zeros_like(p) if t is None else t for p, t in zip(params, orthogonal)]
-                del kept
+                del kept, v
             with_grad = [p for p in params if p.grad is not None]
             ascent_grads = [p.grad for p in with_grad]
             ascent_grad_norm = functional.global_norm(ascent_grads)  # ‖g_asc‖ (stored units)

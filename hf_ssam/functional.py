@@ -37,7 +37,7 @@ __all__ = [
     "clip_renormalization_factor",
     "global_dot",
     "global_norm",
-    "orthogonal_part",
+    "orthogonal_part_",
     "perturbation_scale",
     "renormalization_factor",
     "rescale_",
@@ -158,7 +158,7 @@ def global_dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
     dtype = torch.float64 if len(a) and a[0].dtype == torch.float64 else torch.float32
     if not la:
         return torch.zeros((), dtype=dtype)
-    products = [(x.to(dtype) * y.to(dtype)).sum() for x, y in zip(la, lb)]  # ⟨a_i, b_i⟩ per tensor (local shard)
+    products = [torch.dot(x.reshape(-1).to(dtype), y.reshape(-1).to(dtype)) for x, y in zip(la, lb)]  # ⟨a_i, b_i⟩
     products = _on_device(products, products[0].device)
     buckets: dict[tuple, list[Tensor]] = {}
     for d, t in zip(products, a):
@@ -172,18 +172,15 @@ def global_dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
     return total
 
 
-def orthogonal_part(g_asc: Sequence[Tensor], g: Sequence[Tensor], g_norm: Tensor) -> list[Tensor]:
-    """``v = g_asc − (⟨g_asc, g⟩/‖g‖²)·g``: the part of ``g_asc`` orthogonal to ``g`` (new tensors; zero when ‖g‖ is
-    zero or not finite)."""
+def orthogonal_part_(g: Sequence[Tensor], g_asc: Sequence[Tensor], g_norm: Tensor) -> None:
+    """``g ← g_asc − (⟨g_asc, g⟩/‖g‖²)·g`` in place: the part of ``g_asc`` orthogonal to ``g``, written over ``g``
+    (no new buffer; zero when ‖g‖ is zero or not finite)."""
     coef = global_dot(g_asc, g) / g_norm.square()  # ⟨g_asc, g⟩/‖g‖²
     valid = torch.isfinite(coef)
     coef = torch.where(valid, coef, torch.zeros_like(coef))
-    v = [a.detach().clone() for a in g_asc]
-    local_v, local_g = _locals(v), _locals(g)
-    for t, gi in zip(local_v, local_g):
-        t.sub_(coef.to(t.device, t.dtype) * gi)  # v = g_asc − coef·g
-    zero_unless_(v, valid)
-    return v
+    for t, a in zip(_locals(g), _locals(g_asc)):
+        t.mul_(-coef.to(t.device, t.dtype)).add_(a)  # v = g_asc − coef·g
+    zero_unless_(g, valid)
 
 
 def add_reused_direction_(grads: Sequence[Tensor], v: Sequence[Tensor], alpha: float, renormalize: bool) -> Tensor:
@@ -198,7 +195,7 @@ def add_reused_direction_(grads: Sequence[Tensor], v: Sequence[Tensor], alpha: f
     scale = torch.where(used, scale, torch.zeros_like(scale))
     local_g, local_v = _locals(grads), _locals(v)
     for t, vi in zip(local_g, local_v):
-        t.add_(scale.to(t.device, t.dtype) * vi.to(t.device, t.dtype))  # g + α·(‖g‖/‖v‖)·v
+        t.addcmul_(vi.to(t.device, t.dtype), scale.to(t.device, t.dtype))  # g + α·(‖g‖/‖v‖)·v, no temporary
     if renormalize:
         new_norm = global_norm(grads)
         factor = torch.where(used & (new_norm > 0), g_norm / new_norm, torch.ones_like(g_norm))  # ‖g‖/‖g'‖

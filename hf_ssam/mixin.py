@@ -151,6 +151,8 @@ class SSAMMixin:
         trainer_pass = super().training_step  # the Trainer's own forward/backward (or the subclass's wrapper)
         if kind == "reuse":
             return self._reuse_step(model, params, others, lambda: trainer_pass(model, inputs, num_items_in_batch), k)
+        if args.sam_reuse:
+            self._sam_direction = None  # the last direction is not used by a SAM step: its memory is freed first
         prepared = PreparedInputs(self)
 
         def first_pass() -> torch.Tensor:
