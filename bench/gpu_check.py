@@ -77,11 +77,13 @@ def parse_junit(path: Path) -> list[Row]:
     for case in ET.parse(path).getroot().iter("testcase"):
         name = case.get("name", "?")
         props = {p.get("name"): p.get("value", "") for p in case.iter("property")}
-        if case.find("failure") is not None or case.find("error") is not None:
-            bad = case.find("failure") if case.find("failure") is not None else case.find("error")
-            status, figure = "FAIL", (bad.get("message") or "").splitlines()[0][:160] if bad is not None else ""
-        elif case.find("skipped") is not None:
-            status, figure = "SKIP", (case.find("skipped").get("message") or "")[:160]
+        bad = case.find("failure")
+        bad = bad if bad is not None else case.find("error")
+        skipped = case.find("skipped")
+        if bad is not None:
+            status, figure = "FAIL", ((bad.get("message") or "").splitlines() or [""])[0][:160]
+        elif skipped is not None:
+            status, figure = "SKIP", (skipped.get("message") or "")[:160]
         else:
             status, figure = "PASS", props.get("figure", "")
         part = "2. no host sync" if SYNC_MARK in name else "1. CUDA tests"
@@ -155,7 +157,7 @@ def run_part(part: Part, out: Path) -> None:
 
 def default_parts(out: Path, tests_limit: int = TESTS_LIMIT_S, bench_limit: int = BENCH_LIMIT_S) -> list[Part]:
     py = sys.executable
-    tests = [py, "-m", "pytest", "-m", "cuda", "tests/test_cuda.py", "-q", "-rA", "-p", "no:cacheprovider",
+    tests = [py, "-m", "pytest", "-m", "cuda", "tests/test_cuda.py", "-q", "-rA",
              f"--junitxml={out / 'cuda-tests.xml'}"]  # fmt: skip
     bench = [py, "bench/step_cost.py", *BENCH_ARGS, "--out", str(out / "step_cost")]
     return [
