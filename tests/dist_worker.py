@@ -5,7 +5,8 @@ Launched by the tests, as users launch training on CPU machines:
     torchrun --standalone --nproc_per_node 2 tests/dist_worker.py --out /tmp/d --runs '[{"name": "a", ...}]'
 
 Each run writes <out>/<name>.rank<r>.pt with the flat weights, the SAM logs and the number of gradient
-all-reduces per optimizer step (DDP buckets, counted by a comm hook, and explicit all-reduces by size).
+all-reduces per optimizer step (DDP buckets, counted by a comm hook, and explicit all-reduces by size); with
+``sam_reuse``, also the kept SAM direction (flat) and the inputs of every forward pass.
 """
 
 from __future__ import annotations
@@ -81,6 +82,11 @@ class MixinInOrder(SSAMMixin, UserTrainer):
     _get_train_sampler = InOrder._get_train_sampler
 
 
+#: An explicit all-reduce of at most this many elements is the logged metrics' (9 sums with `sam/reused`), not a
+#: gradient's (the MLP has 161 weights).
+SMALL = 32
+
+
 class CountAllReduce(TrainerCallback):
     """DDP bucket all-reduces (comm hook) and explicit all-reduces (by size) per optimizer step."""
 
@@ -91,7 +97,7 @@ class CountAllReduce(TrainerCallback):
         self._original = dist.all_reduce
 
         def counting_all_reduce(tensor, *args, **kwargs):
-            self.current["explicit_scalar" if tensor.numel() <= 8 else "explicit_tensor"] += 1
+            self.current["explicit_scalar" if tensor.numel() <= SMALL else "explicit_tensor"] += 1
             return self._original(tensor, *args, **kwargs)
 
         dist.all_reduce = counting_all_reduce
@@ -133,6 +139,10 @@ def run(out: str, spec: dict) -> None:
         sam_variant=spec["variant"],
         sam_rho=spec.get("rho", 0.1),
         sam_sync_ascent=spec.get("sync", False),
+        sam_interval=spec.get("interval", 1),
+        sam_start=spec.get("start", 0),
+        sam_reuse=spec.get("reuse", False),
+        sam_reuse_alpha=spec.get("alpha", 0.7),
         seed=0,
         dataloader_num_workers=0,
     )
@@ -140,6 +150,12 @@ def run(out: str, spec: dict) -> None:
     opt = torch.optim.SGD(model.parameters(), lr=args.learning_rate, momentum=0.9)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
     cls = MixinInOrder if spec.get("mixin") else Guarded if spec.get("guard_host_sync") else InOrder
+    seen: list = []  # the inputs of every forward pass (reuse runs: the float64 reference replays them)
+    if spec.get("reuse"):
+        model.register_forward_pre_hook(
+            lambda m, a, kw: seen.append((kw["x"].detach().clone(), kw["labels"].detach().clone())), with_kwargs=True
+        )
+    start = torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()])
     trainer = cls(model=model, args=args, train_dataset=Regression(), optimizers=(opt, sched))
     counter = CountAllReduce(trainer)
     trainer.add_callback(counter)
@@ -148,8 +164,15 @@ def run(out: str, spec: dict) -> None:
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
     logs = [{k: v for k, v in h.items() if k.startswith("sam/") or k == "loss"} for h in trainer.state.log_history]
+    kept = getattr(trainer, "_sam_direction", None)  # v of the last SAM step (sam_reuse)
+    if kept is not None:  # in the SAM set's (the optimizer's) order: back to `parameters()`
+        by_id = dict(zip(kept[0], kept[1]))
+        direction = torch.cat([by_id[id(p)].detach().reshape(-1) for p in model.parameters()])
+    else:
+        direction = None
+    extra = {"start": start, "direction": direction, "forward_inputs": seen} if spec.get("reuse") else {}
     torch.save(
-        {"weights": flat, "logs": logs, "allreduce": counter.per_step, "world_size": world},
+        {"weights": flat, "logs": logs, "allreduce": counter.per_step, "world_size": world, **extra},
         os.path.join(out, f"{spec['name']}.rank{rank}.pt"),
     )
 

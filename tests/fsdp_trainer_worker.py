@@ -12,8 +12,9 @@ FSDP2's `no_sync`, clipping, optimizer step and checkpoints, and the trainer's F
 
 A run trains an MLP for a few steps and writes <out>/<name>.rank<r>.pt: the full weights at the start and at the
 end (gathered here, only to compare them), the inputs of every forward pass, the SAM logs, the collectives
-counted inside each `training_step` and the FSDP layout. Runs of kind ``refusal`` build trainers from an
-Accelerate FSDP config (the environment `accelerate launch --config_file` sets) and save the error messages.
+counted inside each `training_step` and the FSDP layout (with `sam_reuse`, also the kept direction's). Runs of kind
+``refusal`` build trainers from an Accelerate FSDP config (the environment `accelerate launch --config_file` sets)
+and save the error messages.
 """
 
 from __future__ import annotations
@@ -148,8 +149,7 @@ def no_host_sync():
 
 
 def full_weights(model: nn.Module) -> torch.Tensor:
-    full = [p.full_tensor() if isinstance(p, DTensor) else p for p in model.parameters()]
-    return torch.cat([p.detach().reshape(-1).float() for p in full])
+    return full_weights_of(list(model.parameters()))
 
 
 def make_args(out: str, spec: dict, **overrides) -> SSAMTrainingArguments:
@@ -162,8 +162,9 @@ def make_args(out: str, spec: dict, **overrides) -> SSAMTrainingArguments:
         gradient_accumulation_steps=spec.get("accumulation", 1), learning_rate=0.05, lr_scheduler_type="constant",
         optim="sgd", optim_args="momentum=0.9", max_grad_norm=spec.get("max_grad_norm", 1.0),
         bf16=spec.get("bf16", False), sam_variant=spec.get("variant", "ssam"), sam_rho=spec.get("rho", 0.1),
-        sam_sync_ascent=True, sam_interval=spec.get("interval", 1), seed=0, dataloader_num_workers=0, fsdp=True,
-        fsdp_config=fsdp_config,
+        sam_sync_ascent=True, sam_interval=spec.get("interval", 1), sam_start=spec.get("start", 0),
+        sam_reuse=spec.get("reuse", False), sam_reuse_alpha=spec.get("alpha", 0.7), seed=0, dataloader_num_workers=0,
+        fsdp=True, fsdp_config=fsdp_config,
     )  # fmt: skip
     values.update(overrides)
     return SSAMTrainingArguments(**values)
@@ -213,6 +214,7 @@ def _run_train(out: str, spec: dict, **overrides) -> dict:
     except RuntimeError:
         guard_works = True
     return {
+        **kept_direction(trainer),
         "guard_works": guard_works,
         "start": start,
         "weights": full_weights(model),
@@ -230,6 +232,34 @@ def _run_train(out: str, spec: dict, **overrides) -> dict:
         if os.path.isdir(os.path.join(out, spec["name"]))
         else [],
     }
+
+
+def kept_direction(trainer: Counted) -> dict:
+    """With `sam_reuse`: the direction kept at the last SAM step (gathered, only to compare it) and its layout."""
+    kept = trainer._sam_direction
+    if kept is None:
+        return {"direction": None}
+    by_id = dict(zip(kept[0], kept[1]))  # kept in the SAM set's (the optimizer's) order: back to `parameters()`
+    params = list(trainer.model.parameters())
+    v = [by_id[id(p)] for p in params]
+    return {
+        "direction": full_weights_of(v),
+        "direction_is_dtensor": [isinstance(t, DTensor) for t in v],
+        "direction_like_params": [
+            isinstance(t, DTensor)
+            and t.placements == p.placements
+            and t.device_mesh == p.device_mesh
+            and t.shape == p.shape
+            and t.to_local().shape == p.to_local().shape
+            for t, p in zip(v, params)
+        ],  # fmt: skip
+        "direction_local_numel": sum(t.to_local().numel() for t in v if isinstance(t, DTensor)),
+    }
+
+
+def full_weights_of(tensors: list) -> torch.Tensor:
+    full = [t.full_tensor() if isinstance(t, DTensor) else t for t in tensors]
+    return torch.cat([t.detach().reshape(-1).float() for t in full])
 
 
 @contextlib.contextmanager

@@ -20,7 +20,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("fsdp_trainer_worker.py")
 SHAPES = [(16, 8), (16,), (7, 16), (7,), (1, 7), (1,)]  # the worker's MLP, in `parameters()` order
-LR, MOMENTUM, MAX_GRAD_NORM, RHO, ETA, STEPS = 0.05, 0.9, 1.0, 0.1, 0.01, 4
+LR, MOMENTUM, MAX_GRAD_NORM, RHO, ETA, STEPS, ALPHA = 0.05, 0.9, 1.0, 0.1, 0.01, 4, 0.7
 IGNORE = -100.0
 CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_: max_norm / (total_norm + 1e-6)
 #: float32 FSDP weights against the float64 reference after 4 steps.
@@ -44,6 +44,9 @@ EQUIVALENCE += [
     {"name": "eq-tokens-ssam-ga2", "variant": "ssam", "accumulation": 2, "token": True},
     {"name": "eq-interval2-ssam-ga1", "variant": "ssam", "accumulation": 1, "interval": 2},
     {"name": "eq-interval2-ssam-ga2", "variant": "ssam", "accumulation": 2, "interval": 2},
+    # step 0 plain, 1 and 3 SAM, 2 reuses the direction kept at step 1
+    {"name": "eq-reuse-start1-ssam-ga2", "variant": "ssam", "accumulation": 2, "interval": 2, "start": 1,
+     "reuse": True, "alpha": ALPHA},
     {"name": "eq-recipe-config-ssam-ga2", "variant": "ssam", "accumulation": 2,
      "accelerate_env": _accelerate_env(RECIPE)},
     {"name": "eq-activation-checkpointing-ssam-ga2", "variant": "ssam", "accumulation": 2,
@@ -57,6 +60,9 @@ RESUME = [
     for kind in ("full", "sharded")
 ]  # fmt: skip
 REFUSAL = {"name": "refusal", "kind": "refusal"}
+#: stopped after the SAM step 1, resumed: the reuse step 2 needs the sharded direction saved with the checkpoint
+RESUME_REUSE = {"name": "resume-reuse-start1-ssam-ga2", "variant": "ssam", "accumulation": 2, "interval": 2,
+                "start": 1, "reuse": True, "alpha": ALPHA, "resume_at": 2}  # fmt: skip
 
 
 def _failure(stderr: str) -> str:
@@ -68,7 +74,7 @@ def _failure(stderr: str) -> str:
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp_trainer")
-    runs = EQUIVALENCE + PLAIN + [BF16] + RESUME + [REFUSAL]
+    runs = EQUIVALENCE + PLAIN + [BF16] + RESUME + [RESUME_REUSE, REFUSAL]
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": path}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER),
@@ -104,8 +110,9 @@ def _norm(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.sqrt(sum((t**2).sum() for t in tensors))
 
 
-def _sam_gradient(variant: str, params, x, y) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """(γ·)∇S(w + e) for one global micro-batch, e from g = ∇(S/n)(w), the gradient of its own mean loss; and n."""
+def _sam_gradient(variant: str, params, x, y, keep: list | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """(γ·)∇S(w + e) for one global micro-batch, e from g = ∇(S/n)(w), the gradient of its own mean loss; and n.
+    ``keep`` gains ``v = g_asc − (⟨g_asc, g⟩/‖g‖²)·g`` (g_asc = ∇(S/n)(w + e))."""
     grad_s, n = _summed_loss_grad(params, x, y)
     g = [t / n for t in grad_s]
     g_norm = _norm(g)
@@ -118,24 +125,58 @@ def _sam_gradient(variant: str, params, x, y) -> tuple[list[torch.Tensor], torch
         e = [RHO * t * t * gi / _norm([t * gi for t, gi in zip(t_, g)]) for t, gi in zip(t_, g)]  # ρ·T²g/‖Tg‖
     grad_asc, _ = _summed_loss_grad([p + ei for p, ei in zip(params, e)], x, y)
     gamma = g_norm / _norm([t / n for t in grad_asc]) if variant == "ssam" else 1.0  # γ = ‖g‖/‖g_asc‖
+    if keep is not None:
+        g_asc = [t / n for t in grad_asc]
+        coef = sum((a * b).sum() for a, b in zip(g_asc, g)) / g_norm**2
+        keep.append([a - coef * b for a, b in zip(g_asc, g)])
     return [gamma * t for t in grad_asc], n
 
 
-def reference(run: dict, start: torch.Tensor, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """Trainer + SGD(momentum) + clipping, one process, global micro-batches, float64."""
+def _kind(run: dict, step: int) -> str:
+    """``sam``, ``reuse`` or ``plain``: SAM from ``start`` on every ``interval`` steps, reuse (or plain) between."""
+    start = run.get("start", 0)
+    if run["variant"] == "none" or step < start:
+        return "plain"
+    if (step - start) % run.get("interval", 1) == 0:
+        return "sam"
+    return "reuse" if run.get("reuse") else "plain"
+
+
+def _with_direction(grad_s: list[torch.Tensor], v: list[torch.Tensor], renormalize: bool) -> list[torch.Tensor]:
+    """``g + α·(‖g‖/‖v‖)·v`` (rescaled to ‖g‖ with renormalization), for ∇S (only the direction of g matters)."""
+    mixed = [t + ALPHA * _norm(grad_s) / _norm(v) * d for t, d in zip(grad_s, v)]
+    return [_norm(grad_s) / _norm(mixed) * t for t in mixed] if renormalize else mixed
+
+
+def reference(
+    run: dict,
+    start: torch.Tensor,
+    micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
+    directions: list | None = None,
+) -> torch.Tensor:
+    """Trainer + SGD(momentum) + clipping, one process, global micro-batches, float64. ``directions`` gains the
+    direction kept at each SAM step (the mean of the micro-batches' v) when the run reuses it."""
     flat = start.to(torch.float64)
     params, i = [], 0
     for shape in SHAPES:
         n = int(torch.tensor(shape).prod())
         params.append(flat[i : i + n].reshape(shape).clone())
         i += n
-    k, interval = run["accumulation"], run.get("interval", 1)
-    buffers = None
+    k = run["accumulation"]
+    buffers, v = None, None
+    directions = [] if directions is None else directions
     for step in range(STEPS):
         batch = micro_batches[step * k : (step + 1) * k]
-        sam = run["variant"] != "none" and step % interval == 0
-        parts = [_sam_gradient(run["variant"], params, x, y) if sam else _summed_loss_grad(params, x, y)
-                 for x, y in batch]  # fmt: skip
+        kind, kept = _kind(run, step), []
+        if kind == "sam":
+            parts = [_sam_gradient(run["variant"], params, x, y, kept) for x, y in batch]
+            if run.get("reuse"):
+                v = [sum(ts) / k for ts in zip(*kept)]
+                directions.append(torch.cat([t.reshape(-1) for t in v]))
+        else:
+            parts = [_summed_loss_grad(params, x, y) for x, y in batch]
+            if kind == "reuse":
+                parts = [(_with_direction(gs, v, run["variant"] == "ssam"), n) for gs, n in parts]
         total = sum(n for _, n in parts)  # N: items of the accumulated batch
         grad = [sum(gs[j] for gs, _ in parts) / total for j in range(len(params))]  # Σ_j ∇S_j / N
         clip = min(1.0, MAX_GRAD_NORM / (float(_norm(grad)) + CLIP_EPS))
@@ -151,7 +192,7 @@ def global_micro_batches(run: dict, results) -> list[tuple[torch.Tensor, torch.T
     for rank in (0, 1):
         inputs, ours, i = results(run["name"], rank)["forward_inputs"], [], 0
         for step in range(STEPS):
-            sam = run["variant"] != "none" and step % run.get("interval", 1) == 0
+            sam = _kind(run, step) == "sam"
             for _ in range(run["accumulation"]):
                 if sam:
                     assert all(torch.equal(a, b) for a, b in zip(inputs[i], inputs[i + 1]))
@@ -262,3 +303,39 @@ def test_the_recipe_config_is_the_one_that_ran(results):
     assert "SHARDED_STATE_DICT" in plugin["state_dict_type"]
     assert plugin["cpu_ram_efficient_loading"] == "True" and plugin["reshard_after_forward"] == "True"
     assert results("eq-activation-checkpointing-ssam-ga2")["fsdp_plugin"]["activation_checkpointing"] == "True"
+
+
+def test_reuse_under_fsdp2_keeps_a_sharded_direction_and_uses_it(results):
+    run = next(r for r in EQUIVALENCE if r.get("reuse"))
+    assert [_kind(run, step) for step in range(STEPS)] == ["plain", "sam", "reuse", "sam"]
+    r0, r1 = results(run["name"], 0), results(run["name"], 1)
+    for r in (r0, r1):  # v is sharded like the parameters: DTensors with their mesh, placements and local shapes
+        assert all(r["direction_is_dtensor"]) and all(r["direction_like_params"])
+        assert len(r["direction_is_dtensor"]) == len(SHAPES)
+    assert r0["direction_local_numel"] + r1["direction_local_numel"] == r0["weights"].numel()
+    assert r0["direction_local_numel"] == r0["local_numel"] and r1["direction_local_numel"] == r1["local_numel"]
+    batches = global_micro_batches(run, results)
+    directions: list = []
+    expected = reference(run, r0["start"], batches, directions)
+    assert len(directions) == 2  # kept at steps 1 and 3
+    v = directions[-1]
+    for r in (r0, r1):
+        err = ((r["direction"].double() - v).norm() / v.norm()).item()
+        assert err < TOLERANCE, err
+    logs = [h for h in r0["logs"] if "loss" in h]
+    assert [h["sam/reused"] for h in logs] == [0.0, 0.0, 1.0, 0.0] and all(h["sam/skipped"] == 0 for h in logs)
+    # the reuse step changed the run: with a plain step in its place, or without the late start, it differs
+    assert (reference({**run, "reuse": False}, r0["start"], batches) - expected).abs().max() > 1e3 * TOLERANCE
+    from_step_0 = reference({**run, "start": 0, "reuse": False}, r0["start"], batches)
+    assert (from_step_0 - expected).abs().max() > 1e3 * TOLERANCE
+
+
+def test_resume_with_reuse_continues_exactly_with_the_sharded_direction(results):
+    straight = results("eq-reuse-start1-ssam-ga2")
+    for rank in (0, 1):
+        r = results(RESUME_REUSE["name"], rank)
+        assert r["checkpoints"] == ["checkpoint-2"]
+        assert torch.equal(r["weights"], straight["weights"]), (r["weights"] - straight["weights"]).abs().max()
+        assert torch.equal(r["direction"], results("eq-reuse-start1-ssam-ga2", rank)["direction"])
+        assert all(r["direction_like_params"])
+        assert [h["sam/reused"] for h in r["logs"] if "loss" in h] == [0.0, 0.0, 1.0, 0.0]  # step 2 used v
