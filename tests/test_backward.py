@@ -13,8 +13,8 @@ from _reference import data, sam_gradient
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from test_host_sync import no_host_sync
-from torch import nn
-from torch.utils.data import DataLoader, Dataset, SequentialSampler
+from test_trainer import LinReg, Pairs, _theta
+from torch.utils.data import DataLoader, SequentialSampler
 
 from hf_ssam import VARIANTS, SSAMBackward, SSAMOptimizer, SSAMTrainer, SSAMTrainingArguments
 
@@ -29,31 +29,6 @@ def fresh_accelerate_state():
     yield
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
-
-
-class Pairs(Dataset):
-    def __init__(self, x, y):
-        self.x, self.y = torch.as_tensor(x), torch.as_tensor(y)
-
-    def __len__(self):
-        return len(self.x)
-
-    def __getitem__(self, i):
-        return {"x": self.x[i], "labels": self.y[i]}
-
-
-class LinReg(nn.Module):
-    def __init__(self, theta):
-        super().__init__()
-        self.w = nn.Parameter(torch.tensor(theta[:-1]))
-        self.b = nn.Parameter(torch.tensor(theta[-1:]))
-
-    def forward(self, x, labels=None):
-        return {"loss": ((x @ self.w + self.b - labels) ** 2).mean()}
-
-
-def _theta(model):
-    return np.concatenate([model.w.detach().numpy(), model.b.detach().numpy()])
 
 
 def hand_run(variant, theta, x, y, k, steps=STEPS, rho=RHO):
