@@ -351,3 +351,64 @@ def test_gpu_check_runs_the_parts_in_order_under_their_limits(bench_modules, tmp
     assert stuck.code == 124 and passing.code == 0  # `timeout` ended the stuck part; the first ran before it
     assert gpu_check.failures([passing, stuck]) == ["bench: past its limit of 1 s", "bench: no results"]
     assert "**FAIL: 2 failure(s)**" in (out / "gpu-check.md").read_text()
+
+
+# ------------------------------------------------------------------------- the cost frontier
+
+#: bench/frontier.py's schedules, in table order, with the passes per optimizer step each must make over the quick
+#: run's 20 steps (two on a SAM step, one on a plain or reuse step).
+FRONTIER_PASSES = {
+    "none": 1.0,
+    "ssam": 2.0,
+    "ssam@2": 1.5,
+    "ssam@5": 1.2,
+    "ssam@2 ρ↑": 1.5,
+    "ssam@5 ρ↑": 1.2,
+    "ssam@5+reuse": 1.2,
+    "start 0.5": 1.5,
+    "start 0.75": 1.25,
+    "start 0.5 @2+reuse": 1.25,
+}
+
+
+def test_frontier_quick_writes_the_table_the_verdict_and_counts_the_passes(tmp_path: Path) -> None:
+    """``bench/frontier.py --quick``: one table row per schedule, a verdict line per sparse schedule and the overall
+    VERDICT, the plot, and forward and backward passes counted on the model equal to what the schedule implies."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", MPLBACKEND="Agg")
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "frontier.py"), "--quick", "--out", str(out)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=TIMEOUT_S,
+    )  # fmt: skip
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-4000:]
+    assert (out / "frontier.png").read_bytes()[:8] == PNG_MAGIC
+
+    report = (out / "frontier.md").read_text(encoding="utf-8").splitlines()
+    header = next(line for line in report if line.startswith("| task | schedule |"))
+    rows = [line for line in report if line.startswith("| mlp |")]
+    assert [row.split("|")[2].strip().strip("`") for row in rows] == list(FRONTIER_PASSES)
+    assert all(row.count("|") == header.count("|") for row in rows)
+    for row in rows:
+        cells = [cell.strip() for cell in row.split("|")[1:-1]]
+        name, passes = cells[1].strip("`"), cells[9]
+        want = f"{FRONTIER_PASSES[name]:.3g}"
+        assert passes == f"{want} / {want} ({want})", row  # forwards / backwards (expected)
+
+    sparse = [name for name in FRONTIER_PASSES if name not in ("none", "ssam")]
+    verdicts = [line for line in output.splitlines() if line.startswith(("HOLDS: [mlp]", "DOES NOT HOLD: [mlp]"))]
+    assert [next(n for n in sorted(sparse, key=len, reverse=True) if f"] {n} keeps" in line) for line in verdicts] == (
+        sparse
+    )
+    final = [line for line in output.splitlines() if line.startswith("VERDICT: ")]
+    assert len(final) == 1 and "at <= 1.3x cost on every task (mlp): " in final[0], output[-2000:]
+
+    with (out / "frontier_runs.csv").open(newline="") as fh:
+        runs = list(csv.DictReader(fh))
+    assert {(run["schedule"], run["seed"]) for run in runs} == {(n, s) for n in FRONTIER_PASSES for s in ("0", "1")}
+    for run in runs:
+        want = FRONTIER_PASSES[run["schedule"]]
+        for key in ("forwards_per_step", "backwards_per_step", "expected_passes"):
+            assert float(run[key]) == pytest.approx(want), (run["schedule"], key, run[key])
+        if "ρ↑" in run["schedule"]:  # rho scaled up with the interval
+            assert float(run["rho"]) > 0.05, run
