@@ -26,3 +26,20 @@ def _no_exit_from_the_test_process(monkeypatch):
         raise AssertionError(f"os._exit({code}) called inside the test process")
 
     monkeypatch.setattr(os, "_exit", refuse)
+
+
+@pytest.fixture(autouse=True)
+def _restore_environment():
+    """Put `os.environ` back as it was after every test.
+
+    `TrainingArguments(fsdp=...)` under transformers 4.x writes `ACCELERATE_USE_FSDP` and `FSDP_*` into
+    `os.environ` (as do `deepspeed=`, `torch_compile` and mixed precision settings), and Accelerate reads them at
+    every later `Trainer`: without this, one FSDP test would turn every later Trainer in the process into an
+    FSDP run.
+    """
+    saved = dict(os.environ)
+    yield
+    if dict(os.environ) != saved:
+        for key in set(os.environ) - set(saved):
+            del os.environ[key]
+        os.environ.update(saved)
