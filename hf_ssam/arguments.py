@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import typing
 from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
@@ -83,11 +84,16 @@ class _SAMArgumentsMixin:
                 "reuse the SAM direction on. Set sam_interval > 1 (e.g. 5) or sam_reuse=False."
             )
         if self.fsdp and self.sam_variant != NO_SAM:
-            plugin_args = getattr(self, "fsdp_plugin_args", None)
-            version = None if plugin_args is None else plugin_args.get("fsdp_version")  # None: FSDP on XLA
+            version = _fsdp_version(self)
             converted, given = getattr(self, "_fsdp_as_given", (None, None))
             shown = given if converted is not None and converted == self.fsdp else self.fsdp
             refusal = _fsdp_refusal(f"fsdp={shown!r}", version, self, fp16=self.fp16)
+            if refusal and version is not None and version != 2 and not hasattr(self, "fsdp_plugin_args"):
+                refusal += (
+                    " transformers 4.x ignores fsdp_config['fsdp_version'] and builds the FSDP version that "
+                    "Accelerate reads from the environment: FSDP_VERSION=2 (as `accelerate launch` with "
+                    "fsdp_version: 2 in its config sets it)."
+                )
             if refusal:
                 raise ValueError(refusal)
 
@@ -247,6 +253,21 @@ def _is_finite_non_negative(value: Any) -> bool:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return False
     return 0 <= value < float("inf")
+
+
+def _fsdp_version(args: Any) -> int | None:
+    """The FSDP version the Trainer builds for ``args.fsdp`` (None: FSDP on XLA).
+
+    transformers 5 reads it from ``fsdp_config["fsdp_version"]`` into ``fsdp_plugin_args`` (None on XLA);
+    transformers 4.x has no ``fsdp_plugin_args``: it hands FSDP to Accelerate through ``FSDP_*`` environment
+    variables, ignores ``fsdp_config["fsdp_version"]``, and Accelerate builds ``FSDP_VERSION`` (default 1).
+    """
+    if hasattr(args, "fsdp_plugin_args"):
+        plugin_args = args.fsdp_plugin_args
+        return None if plugin_args is None else plugin_args.get("fsdp_version")
+    if (args.fsdp_config or {}).get("xla"):
+        return None
+    return int(os.environ.get("FSDP_VERSION", "1"))
 
 
 def _fsdp_refusal(source: str, version: int | None, args: Any, fp16: bool) -> str | None:

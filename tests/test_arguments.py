@@ -1,14 +1,24 @@
 """SSAMTrainingArguments: parsing from the command line and YAML, validation, promotion."""
 
 import dataclasses
+import os
 
 import pytest
+import transformers
+from packaging.version import Version
 from transformers import HfArgumentParser, TrainingArguments
 
 from hf_ssam import SSAMTrainingArguments
+from hf_ssam.arguments import _fsdp_version
+
+TRANSFORMERS_4 = Version(transformers.__version__).major < 5
 
 
 def _args(**kw):
+    if TRANSFORMERS_4 and kw.get("fsdp"):
+        # transformers 4.x ignores fsdp_config["fsdp_version"]: Accelerate builds FSDP_VERSION from the environment
+        # (conftest restores os.environ after the test). transformers 5 defaults `fsdp=` to FSDP2.
+        os.environ["FSDP_VERSION"] = str((kw.get("fsdp_config") or {}).get("fsdp_version", 2))
     return SSAMTrainingArguments(output_dir="out", report_to="none", use_cpu=True, **kw)
 
 
@@ -83,15 +93,26 @@ def test_renormalize_false_is_fine_for_other_variants():
 
 def test_deepspeed_and_fsdp_are_allowed_without_sam():
     assert _args(sam_variant="none", fsdp="").sam_enabled is False
-    assert _args(sam_variant="none", fsdp=True, fsdp_config={"fsdp_version": 1}).fsdp_plugin_args["fsdp_version"] == 1
+    assert _fsdp_version(_args(sam_variant="none", fsdp=True, fsdp_config={"fsdp_version": 1})) == 1
 
 
 def test_fsdp2_is_allowed_with_the_synchronized_ascent_and_rechecked_at_train_time():
     args = _args(fsdp=True, fsdp_config={"fsdp_version": 2}, sam_sync_ascent=True, bf16=True)
-    assert args.fsdp_plugin_args["fsdp_version"] == 2
+    assert _fsdp_version(args) == 2
     args.sam_sync_ascent = False  # set after construction: train() runs the same checks
     with pytest.raises(ValueError, match="sam_sync_ascent=False is not supported"):
         args.check_sam_settings()
+
+
+def test_fsdp_version_is_the_one_the_installed_transformers_builds(monkeypatch):
+    monkeypatch.delenv("FSDP_VERSION", raising=False)
+    kwargs = dict(output_dir="out", report_to="none", use_cpu=True, fsdp=True, fsdp_config={"fsdp_version": 2},
+                  sam_sync_ascent=True)  # fmt: skip
+    if TRANSFORMERS_4:  # fsdp_config["fsdp_version"] ignored: Accelerate's default, FSDP1, and the way to FSDP2
+        with pytest.raises(ValueError, match=r"fsdp=True with fsdp_version=1 is not supported.*FSDP_VERSION=2"):
+            SSAMTrainingArguments(**kwargs)
+    else:
+        assert _fsdp_version(SSAMTrainingArguments(**kwargs)) == 2
 
 
 def test_promotion_keeps_every_training_argument():
