@@ -41,7 +41,11 @@ def is_fsdp2(model: nn.Module) -> bool:
 
 def fsdp2_gradient_sync(model: nn.Module) -> bool:
     """The flag `FSDPModule.set_requires_gradient_sync` last set on ``model`` (torch has no getter for it)."""
-    groups = model._get_fsdp_state()._fsdp_param_groups
+    state = model._get_fsdp_state()
+    groups = getattr(state, "_fsdp_param_groups", None)  # newer torch: a list (2.6: one group or None)
+    if groups is None:
+        group = state._fsdp_param_group
+        groups = [] if group is None else [group]
     return all(group.reduce_grads for group in groups)
 
 
