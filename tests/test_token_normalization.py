@@ -49,13 +49,16 @@ def test_accumulation_with_unequal_token_counts(tmp_path, kind, k, variant):
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     trainer = InOrder(model=model, args=args, train_dataset=data, optimizers=(opt, None))
     assert trainer.model_accepts_loss_kwargs
-    shifted = kind == "llama"
-    assert trainer._loss_shifts_labels is shifted  # how the Trainer counts the label tokens of this model
+    # How the Trainer counts the label tokens of this model: transformers 5 counts a causal LM's shifted labels
+    # (`_loss_shifts_labels`), 4.x counts every label that is not -100.
+    shifted = kind == "llama" and hasattr(trainer, "_loss_shifts_labels")
+    assert getattr(trainer, "_loss_shifts_labels", False) is shifted
     trainer.train()
 
     micro = [[(torch.stack([data[i]["input_ids"], data[i + 1]["input_ids"]]),
                torch.stack([data[i]["labels"], data[i + 1]["labels"]]))] for i in range(0, 2 * k, 2)]  # fmt: skip
-    # The descent step is the Trainer's: Σ_i ∇S_i / N, with N counted as the Trainer counts (GPT-2: unshifted).
+    # The descent step is the Trainer's: Σ_i ∇S_i / N, with N counted as the Trainer counts (GPT-2, and every model
+    # under transformers 4.x: unshifted).
     # ρ is in units of each micro-batch's own mean loss gradient ∇S_i / n_i, n_i the tokens the loss averages over:
     # shifted for both models (GPT-2's loss shifts its labels although the Trainer counts them unshifted).
     total = sum(label_tokens(lab, shifted) for [(_, lab)] in micro)

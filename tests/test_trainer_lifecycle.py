@@ -9,6 +9,7 @@ import torch
 from _lm import Sequences, tiny_lm
 from _reference import data
 from test_trainer import LR, InOrder, LinReg, Pairs, _args, _theta
+from transformers import TrainingArguments
 
 from hf_ssam import SSAMOptimizer, SSAMTrainer
 
@@ -121,9 +122,12 @@ def test_tensorboard_shows_the_metrics_under_train_prefix(tmp_path, monkeypatch)
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))  # transformers 5
+    # transformers 4.x reads the TensorBoard folder from its `logging_dir` argument
+    where = {"logging_dir": str(tmp_path / "tb")} if "logging_dir" in TrainingArguments.__dataclass_fields__ else {}
     theta, x, y = data(n=8)
-    trainer = _trainer(tmp_path, theta, x, y, per_device_train_batch_size=4, max_steps=2, report_to="tensorboard")
+    trainer = _trainer(tmp_path, theta, x, y, per_device_train_batch_size=4, max_steps=2, report_to="tensorboard",
+                       **where)  # fmt: skip
     trainer.train()
     events = EventAccumulator(str(next((tmp_path / "tb").rglob("events.out.tfevents.*")).parent))
     events.Reload()
