@@ -4,7 +4,7 @@ Commands (from the repository root; the numbers in ``docs/benchmarks.md`` come f
 
     .venv/bin/python bench/frontier.py            # 2 tasks x 10 schedules x 5 seeds (0-4), the full budget
     .venv/bin/python bench/frontier.py --sweep    # rho of the sparse schedules x 1, sqrt(k), k (seeds 100-102)
-    .venv/bin/python bench/frontier.py --quick    # 2 seeds, 20 steps: a smoke run (used by the tests)
+    .venv/bin/python bench/frontier.py --quick    # mlp, 2 seeds, 20 steps: a smoke run (used by the tests)
     .venv/bin/python bench/frontier.py --tasks mlp --schedules none ssam --seeds 100 101 102   # one comparison
 
 Outputs (``--out``, default ``outputs/bench/frontier/``): ``frontier.md`` (the table and the verdict),
@@ -13,8 +13,9 @@ Outputs (``--out``, default ``outputs/bench/frontier/``): ``frontier.md`` (the t
 
 Every run trains through ``SSAMTrainer`` (SGD, momentum 0.9, constant lr 0.05, batch 32, 20 epochs = 900
 optimizer steps, base rho 0.05, ``sam_variant="ssam"`` unless the schedule is ``none``) on scikit-learn's digits
-with 20 % of the training labels flipped (``recipes/demo.py``'s data), and is scored on the clean validation
-labels. Tasks: ``mlp`` (the demo's MLP, 64-256-256-10) and ``cnn`` (``_common.small_cnn``, a BatchNorm CNN).
+with flipped training labels (``recipes/demo.py``'s data), and is scored on the clean validation labels. Tasks:
+``mlp`` (the demo: 20 % flipped, its MLP 64-256-256-10) and ``mlp40`` (40 % flipped, the same MLP); ``cnn``
+(20 % flipped, ``_common.small_cnn``, a BatchNorm CNN) with ``--tasks``. ``--quick`` runs ``mlp`` only.
 Schedules (``frontier/tasks.py``): ``none``; ``ssam`` (two passes every step); ``ssam@k`` (``sam_interval=k``,
 k = 2, 5) at the same rho and, ``ρ↑``, with rho scaled by the factor ``--rho_scaling`` picks; ``ssam@5+reuse``
 (``sam_reuse=True``, LookSAM-style); ``start 0.5`` / ``start 0.75`` (``sam_start``: SAM in the last half /
