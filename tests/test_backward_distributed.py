@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 import torch
 from _reference import data, sam_gradient
+from _versions import FSDP2_ON_CPU, needs_fsdp2_on_cpu
 
 from hf_ssam import VARIANTS
 
@@ -59,8 +60,9 @@ def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("backward")
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": path}
+    runs = DDP + (FSDP2 if FSDP2_ON_CPU else [])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD), str(WORKER),
-           "--out", str(out), "--runs", json.dumps(DDP + FSDP2), "--expect_world_size", str(WORLD)]  # fmt: skip
+           "--out", str(out), "--runs", json.dumps(runs), "--expect_world_size", str(WORLD)]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, _failure(proc.stderr)
 
@@ -152,6 +154,7 @@ def test_metrics_are_identical_on_both_ranks_and_average_over_ranks_and_micro_ba
             assert got[key] == pytest.approx(want[key], rel=1e-10, abs=1e-12), key
 
 
+@needs_fsdp2_on_cpu
 @pytest.mark.parametrize("run", FSDP2, ids=[r["name"] for r in FSDP2])
 def test_fsdp2_through_accelerate_prepare_equals_the_unsharded_run(results, run):
     r0, r1 = results(run["name"], 0), results(run["name"], 1)
@@ -169,11 +172,13 @@ def test_fsdp2_through_accelerate_prepare_equals_the_unsharded_run(results, run)
         assert got == pytest.approx(want, rel=1e-10, abs=1e-12)
 
 
+@needs_fsdp2_on_cpu
 def test_fsdp2_runs_tell_the_variants_apart(results):
     finals = [results(run["name"])["sharded"] for run in FSDP2]
     assert all(_error(a, b) > 1e-6 for i, a in enumerate(finals) for b in finals[i + 1 :])
 
 
+@needs_fsdp2_on_cpu
 def test_fsdp2_refuses_local_ascent_with_the_reason(results):
     for rank in range(WORLD):
         message = results(FSDP2[0]["name"], rank)["refusal"]
