@@ -10,6 +10,7 @@ import copy
 
 import pytest
 import torch
+from _versions import TRANSFORMERS_4
 from datasets import Dataset
 from torch import nn
 from transformers import Trainer
@@ -62,8 +63,10 @@ class Capture:
         return Captured
 
 
-def hand_step(trainer, reference, inputs, num_items_in_batch, variant="ssam"):
-    """w − lr·γ·g_asc with g, g_asc from the trainer's own compute_loss at w and at w + e (e = ρ·g)."""
+def hand_step(trainer, reference, inputs, num_items_in_batch, variant="ssam", unit=1.0):
+    """w − lr·γ·g_asc with g, g_asc from the trainer's own compute_loss at w and at w + e (e = ρ·unit·g).
+
+    ``unit``: the factor from compute_loss's gradient to the gradient of the micro-batch's own mean loss."""
     params = [p for p in reference.parameters() if p.requires_grad]
 
     def grad():
@@ -76,7 +79,7 @@ def hand_step(trainer, reference, inputs, num_items_in_batch, variant="ssam"):
     g_norm = torch.sqrt(sum((t.double() ** 2).sum() for t in g))
     with torch.no_grad():
         for p, t in zip(params, g):
-            p.add_(RHO * t)  # w + e, e = ρ·g
+            p.add_(RHO * unit * t)  # w + e, e = ρ·unit·g
     g_asc = grad()
     with torch.no_grad():
         for p, w in zip(params, w0):
@@ -140,7 +143,10 @@ def test_sft_one_step_equals_the_hand_update(tmp_path):
     trainer.train()
     (inputs, n_items), _ = trainer.calls  # two compute_loss calls: at w and at w + e
     assert n_items is not None  # the token-normalized path
-    expected = hand_step(trainer, reference, inputs, n_items)
+    # g in units of the micro-batch's own mean loss, over its shifted labels; N is the Trainer's count (the same
+    # with transformers 5, every label with 4.x)
+    unit = float(n_items) / int(inputs["labels"][..., 1:].ne(-100).sum()) if TRANSFORMERS_4 else 1.0
+    expected = hand_step(trainer, reference, inputs, n_items, unit=unit)
     for p, e in zip(model.parameters(), expected):
         torch.testing.assert_close(p.detach(), e, rtol=0, atol=1e-9)
 
@@ -341,6 +347,8 @@ def test_sentence_transformers_one_step_equals_the_hand_update(tmp_path):
         for m in model.modules():
             if isinstance(m, nn.Dropout):
                 m.p = 0.0
+            if hasattr(m, "dropout_prob"):  # transformers 4.x: BERT's SDPA attention keeps its own dropout rate
+                m.dropout_prob = 0.0
         return model
 
     model, reference = load(), load()

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from _lm import Sequences, label_tokens, tiny_lm
+from _versions import TRANSFORMERS_4
 from torch.utils.data import Dataset, SequentialSampler
 from transformers import BertConfig, BertForSequenceClassification, Seq2SeqTrainer, Seq2SeqTrainingArguments, Trainer
 
@@ -160,22 +161,32 @@ def hand_sam(model, batches, variant, rho):
 def test_rho_is_in_units_of_each_micro_batch_gradient(tmp_path, kind, k, variant):
     trainer, model = _trainer(tmp_path, kind, k, variant)
     reference = KINDS[kind][0]()
-    assert trainer.model_accepts_loss_kwargs  # the Trainer believes every one of these losses divides by N
+    per_item = kind == "llama"
+    # Whether the Trainer believes the loss divides by N: transformers 5 for every one of these models (their forwards
+    # take **kwargs; BERT's and T5's losses ignore it, which the probe measures), 4.x for the causal LM only.
+    believed = trainer.model_accepts_loss_kwargs
+    assert believed is (per_item or not TRANSFORMERS_4)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.train()
-    per_item = kind == "llama"
-    assert trainer._sam_loss_kind[1] == LossKind(per_item=per_item, shifted=True if per_item else None)
+    if believed:
+        assert trainer._sam_loss_kind[1] == LossKind(per_item=per_item, shifted=True if per_item else None)
+    else:  # taken from the Trainer's flags, nothing probed: the Trainer divides each micro-batch's loss by k
+        assert trainer._sam_loss_kind is None
     warned = [w for w in caught if "ignores num_items_in_batch" in str(w.message)]
-    assert len(warned) == (0 if per_item or k == 1 else 1)
+    assert len(warned) == (0 if per_item or k == 1 or not believed else 1)
 
     batches = _micro_batches(trainer.train_dataset, k)
     sam = hand_sam(reference, batches, variant, RHO)
     if per_item:  # Σ_i n_i·(SAM gradient of the mean)_i / N: the token-weighted mean over the accumulated batch
         counts = [label_tokens(b["labels"]) for b in batches]
-        coefs = [n / sum(counts) for n in counts]
-    else:  # the Trainer sums the micro-batches' mean-loss gradients (it does not divide by k for these models)
+        # N as the Trainer counts it: shifted labels (transformers 5), every label (4.x)
+        total = sum(label_tokens(b["labels"], shifted=not TRANSFORMERS_4) for b in batches)
+        coefs = [n / total for n in counts]
+    elif believed:  # the Trainer sums the micro-batches' mean-loss gradients (it does not divide by k for them)
         coefs = [1.0] * k
+    else:  # the Trainer averages them (transformers 4.x divides each micro-batch's loss by k)
+        coefs = [1.0 / k] * k
     expected = [p.detach() - LR * sum(c * s[0][j] for c, s in zip(coefs, sam)) for j, p in
                 enumerate(reference.parameters())]  # fmt: skip
     for p, e in zip(model.parameters(), expected):
@@ -195,6 +206,7 @@ def test_rho_zero_equals_the_plain_trainer_for_a_loss_that_ignores_the_item_coun
     assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))  # the descent step is the Trainer's
 
 
+@pytest.mark.skipif(TRANSFORMERS_4, reason="loss_is_scaled_for_ga is a Trainer attribute of transformers >= 5.19")
 def test_the_probe_leaves_no_trace(tmp_path):
     """Dropout on: the run with the probe draws the same masks as one that declares the loss (no probe)."""
     results = []
@@ -233,4 +245,5 @@ def test_a_plain_trainer_over_bert_with_accumulation_is_what_the_warning_says(tm
         trainer.train()
         updates.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]) - before)
     ratio = float(updates[1].norm() / updates[0].norm())
-    assert ratio == pytest.approx(2.0, rel=0.05)
+    # transformers 4.x: BERT's forward takes no **kwargs, so the Trainer divides by k and there is nothing to warn of
+    assert ratio == pytest.approx(1.0 if TRANSFORMERS_4 else 2.0, rel=0.05)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _versions import TRANSFORMERS_4
 from torch import nn
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -373,7 +374,9 @@ def test_metric_for_best_model_picks_the_checkpoint_by_sharpness(
     best_step = (max if greater_is_better else min)(logged, key=logged.get)  # chosen here, from the log alone
     assert trainer.state.best_metric == logged[best_step]
     assert Path(trainer.state.best_model_checkpoint).name == f"checkpoint-{best_step}"
-    assert best_step != 6  # in both directions here: loading the best checkpoint changes the weights
+    # in both directions here (transformers 5): loading the best checkpoint changes the weights; with 4.57 the
+    # sharpest of the three is the last one, so that direction loads the weights it already has
+    assert best_step != 6 or (TRANSFORMERS_4 and greater_is_better)
     # the weights now in the model are the best checkpoint's, not the last step's
     assert top_hessian_eigenvalues(trainer.model, _loss, measure_on, k=1)[0] == pytest.approx(
         logged[best_step], rel=1e-6

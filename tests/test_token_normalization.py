@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from _lm import Sequences, hand_sam_gradient, label_tokens, tiny_lm
+from _versions import TRANSFORMERS_4
 from torch.utils.data import SequentialSampler
 
 from hf_ssam import SSAMTrainer, SSAMTrainingArguments
@@ -100,13 +101,15 @@ def test_ddp_with_unequal_token_counts_per_rank(ddp_results, run):
     assert len(micro[0]) == len(micro[1]) == 2
     n = [[label_tokens(lab) for _, lab in m] for m in micro]
     assert n[0] != n[1]  # the ranks see different token counts
-    world, total = 2, sum(map(sum, n))
+    # N as the Trainer counts the label tokens: shifted (transformers 5), every label (4.x)
+    counted = [[label_tokens(lab, shifted=not TRANSFORMERS_4) for _, lab in m] for m in micro]
+    world, total = 2, sum(map(sum, counted))
     if run["sync"]:  # one global micro-batch per accumulation step: the same g on both ranks
         groups = [[micro[0][i], micro[1][i]] for i in range(2)]
         coefs = [(n[0][i] + n[1][i]) / total for i in range(2)]
     else:  # each rank perturbs with its own micro-batch's g; the SAM gradients are averaged over ranks
         groups = [[micro[r][i]] for r in range(world) for i in range(2)]
-        per_rank_total = [sum(n[r]) for r in range(world)]
+        per_rank_total = [sum(counted[r]) for r in range(world)]
         coefs = [n[r][i] / total if run["average_tokens"] else n[r][i] / per_rank_total[r] / world
                  for r in range(world) for i in range(2)]  # fmt: skip
     reference = tiny_lm()

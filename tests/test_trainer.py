@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from _reference import data, sam_gradient
+from _versions import TRANSFORMERS_4
 from torch import nn
 from torch.utils.data import Dataset, SequentialSampler
 from transformers import Trainer, TrainingArguments
@@ -228,7 +229,8 @@ def test_gradient_accumulation_averages_per_micro_batch_sam_gradients(tmp_path, 
     assert log["sam/ascent_loss"] == pytest.approx(np.mean([m[3] for _, m in per_micro]), abs=1e-10)
     # the reported loss is the plain Trainer's (kept in float32 by the Trainer): the mean loss at w
     residuals = [x[i * b : (i + 1) * b] @ theta[:-1] + theta[-1] - y[i * b : (i + 1) * b] for i in range(k)]
-    assert log["loss"] == pytest.approx(np.mean([np.mean(r**2) for r in residuals]), abs=1e-6)
+    loss_digits = 5e-5 if TRANSFORMERS_4 else 1e-6  # transformers 4.x logs the loss rounded to 4 digits
+    assert log["loss"] == pytest.approx(np.mean([np.mean(r**2) for r in residuals]), abs=loss_digits)
 
 
 def _tiny_gpt2():
@@ -538,13 +540,14 @@ def test_max_grad_norm_clips_the_final_gradient_once(tmp_path):
 def test_optim_argument_and_momentum_state(tmp_path):
     theta, x, y = data(n=8)
     model = LinReg(theta)
-    args = _args(tmp_path, sam_variant="ssam", per_device_train_batch_size=8, max_steps=2, optim="sgd",
-                 optim_args="momentum=0.9")  # fmt: skip
+    # AdamW's first moment is the momentum (transformers 4.x does not pass optim_args to optim="sgd")
+    args = _args(tmp_path, sam_variant="ssam", per_device_train_batch_size=8, max_steps=2, optim="adamw_torch",
+                 adam_beta1=0.8)  # fmt: skip
     trainer = SSAMTrainer(model=model, args=args, train_dataset=Pairs(x, y))
     trainer.train()
     opt = trainer.optimizer.optimizer
-    assert isinstance(opt, torch.optim.SGD) and opt.param_groups[0]["momentum"] == 0.9
-    assert "momentum_buffer" in opt.state[model.w]
+    assert isinstance(opt, torch.optim.AdamW) and opt.param_groups[0]["betas"][0] == 0.8
+    assert "exp_avg" in opt.state[model.w] and opt.state[model.w]["step"] == 2
 
 
 @pytest.mark.slow
