@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 from transformers import TrainingArguments
 
-from .variants import NO_SAM, VARIANT_CHOICES, check_sam_config
+from .variants import NO_SAM, VARIANT_CHOICES, _is_finite_non_negative, check_sam_config
 
 __all__ = ["SSAMTrainingArguments", "sam_arguments"]
 
@@ -247,12 +247,6 @@ def _check_start(start: Any) -> None:
             f"sam_start={start!r} is invalid; it must be an optimizer step (an integer >= 0) or a fraction of the "
             "run's steps (a float in [0, 1))."
         )
-
-
-def _is_finite_non_negative(value: Any) -> bool:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    return 0 <= value < float("inf")
 
 
 def _fsdp_version(args: Any) -> int | None:

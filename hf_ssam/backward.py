@@ -33,7 +33,7 @@ from .engines import (
     scaler_enabled,
     torch_reduce_mean,
 )
-from .passes import RNGState, freeze_batchnorm_stats
+from .passes import RNGState, batchnorm_modules, freeze_batchnorm_stats
 from .reporting import MetricsAccumulator
 from .variants import NO_SAM, check_sam_config
 
@@ -159,11 +159,12 @@ class TwoPassStep:
             ascent_grad_norm = functional.global_norm(ascent_grads)  # ‖g_asc‖ (stored units)
             gamma, rescale_skipped = functional.renormalization_factor(grad_norm, ascent_grad_norm)
             renormalizes = functional.uses_renormalization(variant, renormalize)
-            if renormalizes:
-                functional.rescale_(ascent_grads, gamma)  # g_asc ← γ·g_asc
-            if loss_scaled and ascent_grads:  # + 0, or + NaN after a first-pass overflow: the scaler skips the step
-                overflow = torch.where(torch.isfinite(grad_norm), 0.0, float("nan")).to(ascent_grads[0].dtype)
-                torch._foreach_add_(ascent_grads, overflow)
+            factor = gamma if renormalizes else None  # g_asc ← γ·g_asc
+            if loss_scaled:  # × 1, or × NaN after a first-pass overflow: the scaler then skips the step
+                overflow = torch.where(torch.isfinite(grad_norm), 1.0, float("nan")).to(gamma.dtype)
+                factor = overflow if factor is None else factor * overflow
+            if factor is not None:
+                functional.rescale_(ascent_grads, factor)  # one pass over the gradients
             for p in others:
                 p.grad = None  # a parameter outside the SAM set drops the second pass's gradient ...
             _give_back_grads(others, plain)  # ... and keeps the plain gradient of the first pass
@@ -332,8 +333,7 @@ class SSAMBackward:
         self._metrics = MetricsAccumulator()
         self._micro_batches = 0  # completed calls: the accumulation boundary of a loop without an accelerator
         self._param_cache: tuple[tuple, list[nn.Parameter], list[nn.Parameter]] | None = None
-        self._batchnorm = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-                           and m.track_running_stats]  # fmt: skip
+        self._batchnorm = batchnorm_modules(model)
 
     # ------------------------------------------------------------------------------------------- the call
 

@@ -218,23 +218,25 @@ class SSAMMixin:
     def _keep_direction(self, model: nn.Module, params: list[nn.Parameter], v: list[torch.Tensor], k: int) -> None:
         """Accumulate the micro-batches' ``v`` (their mean); at the boundary it becomes the step's direction."""
         with torch.no_grad():
+            torch._foreach_div_(v, k)  # v_i / k: the mean over the micro-batches
             if self._sam_direction_sum is None:
-                self._sam_direction_sum = [t.div_(k) for t in v]
+                self._sam_direction_sum = v
             else:
-                torch._foreach_add_(self._sam_direction_sum, [t.div_(k) for t in v])
+                torch._foreach_add_(self._sam_direction_sum, v)
             if self.accelerator.sync_gradients:
                 mean = self._sam_direction_sum
                 if not self.args.sam_sync_ascent and is_ddp(model):  # the same direction on every replica
-                    reduce_mean = lambda flat: self.accelerator.reduce(flat, reduction="mean")  # noqa: E731
-                    all_reduce_tensors_mean_(mean, reduce_mean)
+                    all_reduce_tensors_mean_(mean, self._reduce_mean)
                 self._sam_direction = ([id(p) for p in params], mean)
                 self._sam_direction_sum = None
 
     def _all_reduce_local_ascent(self, model: nn.Module, params: list, others: list) -> None:
         """Local ascent under DDP: one all-reduce of the accumulated gradient at the accumulation boundary."""
         if not self.args.sam_sync_ascent and self.accelerator.sync_gradients and is_ddp(model):
-            reduce_mean = lambda flat: self.accelerator.reduce(flat, reduction="mean")  # noqa: E731
-            all_reduce_mean_(params + [p for p in others if p.grad is not None], reduce_mean)
+            all_reduce_mean_(params + [p for p in others if p.grad is not None], self._reduce_mean)
+
+    def _reduce_mean(self, flat: torch.Tensor) -> torch.Tensor:
+        return self.accelerator.reduce(flat, reduction="mean")
 
     # -------------------------------------------------------------------------------------- helpers
 
