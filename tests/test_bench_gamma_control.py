@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from _reference import data, grad, perturbation
+from test_optimizer import LinReg, _theta
 from torch import nn
 
 from hf_ssam import VARIANTS, SSAMOptimizer
@@ -25,20 +26,6 @@ def _load_experiment():
 
 
 GammaControlledSAM = _load_experiment().GammaControlledSAM
-
-
-class LinReg(nn.Module):
-    def __init__(self, theta):
-        super().__init__()
-        self.w = nn.Parameter(torch.tensor(theta[:-1]))
-        self.b = nn.Parameter(torch.tensor(theta[-1:]))
-
-    def forward(self, x):
-        return x @ self.w + self.b
-
-
-def _theta(model):
-    return np.concatenate([model.w.detach().numpy(), model.b.detach().numpy()])
 
 
 def _steps(opt, model, x, y, n):

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from _reference import data, sam_gradient
+from test_optimizer import LinReg, _theta
 from torch import nn
 
 from hf_ssam import VARIANTS, SSAMOptimizer
@@ -15,20 +16,6 @@ from hf_ssam import optimizer as optimizer_module
 LR = 0.1
 RHO = 0.2
 OOM = "CUDA out of memory. Tried to allocate 20.00 MiB"
-
-
-class LinReg(nn.Module):
-    def __init__(self, theta):
-        super().__init__()
-        self.w = nn.Parameter(torch.tensor(theta[:-1]))
-        self.b = nn.Parameter(torch.tensor(theta[-1:]))
-
-    def forward(self, x):
-        return x @ self.w + self.b
-
-
-def _theta(model):
-    return np.concatenate([model.w.detach().numpy(), model.b.detach().numpy()])
 
 
 def _weights(model):
