@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 from transformers import TrainingArguments
 
 from .variants import NO_SAM, VARIANT_CHOICES, _is_finite_non_negative, check_sam_config
+from .zero import check_deepspeed_version, deepspeed_refusal
 
 __all__ = ["SSAMTrainingArguments", "sam_arguments"]
 
@@ -33,14 +34,9 @@ class _SAMArgumentsMixin:
     sam_reuse_alpha: float
 
     def __post_init__(self) -> None:
-        # DeepSpeed first: TrainingArguments would otherwise fail on a missing `deepspeed` package before this check.
+        # DeepSpeed first: TrainingArguments would otherwise fail on a missing or untested `deepspeed` less clearly.
         if self.deepspeed and self.sam_variant != NO_SAM:
-            raise ValueError(
-                f"deepspeed={self.deepspeed!r} is not supported with sam_variant={self.sam_variant!r}: DeepSpeed "
-                "steps its engine inside backward(), which breaks the two-pass step. Supported: single process, DDP "
-                "(accelerate launch / torchrun) and FSDP2 (fsdp_config={'fsdp_version': 2}, sam_sync_ascent=True). "
-                "Use sam_variant='none' to train with DeepSpeed without SAM."
-            )
+            check_deepspeed_version()
         fsdp = self.fsdp
         super().__post_init__()
         # `TrainingArguments.__post_init__` converts `fsdp` (`"full_shard"` becomes True); the refusals quote what
@@ -83,6 +79,11 @@ class _SAMArgumentsMixin:
                 "sam_reuse=True with sam_interval=1 is invalid: every step is a SAM step, so there is no step to "
                 "reuse the SAM direction on. Set sam_interval > 1 (e.g. 5) or sam_reuse=False."
             )
+        config = getattr(getattr(self, "hf_deepspeed_config", None), "config", None)
+        if self.deepspeed and self.sam_variant != NO_SAM and config is not None:
+            refusal = deepspeed_refusal(f"deepspeed={_shown(self.deepspeed)}", config, self, fp16=self.fp16)
+            if refusal:
+                raise ValueError(refusal)
         if self.fsdp and self.sam_variant != NO_SAM:
             version = _fsdp_version(self)
             converted, given = getattr(self, "_fsdp_as_given", (None, None))
@@ -262,6 +263,13 @@ def _fsdp_version(args: Any) -> int | None:
     if (args.fsdp_config or {}).get("xla"):
         return None
     return int(os.environ.get("FSDP_VERSION", "1"))
+
+
+def _shown(deepspeed: Any) -> str:
+    """A DeepSpeed config as the messages quote it: a path as given, a dict as its ZeRO stage."""
+    if isinstance(deepspeed, dict):
+        return f"{{... 'zero_optimization': {(deepspeed.get('zero_optimization') or {})!r} ...}}"
+    return repr(deepspeed)
 
 
 def _fsdp_refusal(source: str, version: int | None, args: Any, fp16: bool) -> str | None:

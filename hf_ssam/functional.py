@@ -121,12 +121,22 @@ def _shard_groups(t: Tensor) -> tuple:
     return tuple(groups)
 
 
-def _norm(local_tensors: Sequence[Tensor], like: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
-    """``‖x‖₂`` of the tensors whose local shards are ``local_tensors``, laid out like ``like``."""
+def _norm(
+    local_tensors: Sequence[Tensor], like: Sequence[Tensor], dtype: torch.dtype, partitioned: object = None
+) -> Tensor:
+    """``‖x‖₂`` of the tensors whose local shards are ``local_tensors``, laid out like ``like`` (or, with
+    ``partitioned``, plain tensors that are this process's partitions over that process group)."""
     if len(local_tensors) == 0:
-        return torch.zeros((), dtype=dtype)
+        zero = torch.zeros((), dtype=dtype)
+        if partitioned is not None:  # the other processes' partitions still take part in the all-reduce
+            torch.distributed.all_reduce(zero, group=partitioned)
+        return zero
     norms = torch._foreach_norm(local_tensors, 2, dtype=dtype)  # ‖x_i‖ per tensor (per local shard)
     norms = _on_device(norms, norms[0].device)  # a model split over devices: reduce on the first one
+    if partitioned is not None:
+        squares = torch.stack(norms).square().sum()  # Σ‖x_i,local‖²
+        torch.distributed.all_reduce(squares, group=partitioned)  # Σ over the partitions: each element once
+        return squares.sqrt()
     if not any(_is_dtensor(t) for t in like):
         return torch.linalg.vector_norm(torch.stack(norms), 2)  # ‖x‖ = ‖(‖x_1‖, …, ‖x_n‖)‖
     buckets: dict[tuple, list[Tensor]] = {}  # tensors sharded over the same groups share one all-reduce
@@ -141,14 +151,16 @@ def _norm(local_tensors: Sequence[Tensor], like: Sequence[Tensor], dtype: torch.
     return total.sqrt()  # ‖x‖ = √(Σ_i ‖x_i‖²)
 
 
-def global_norm(tensors: Sequence[Tensor]) -> Tensor:
+def global_norm(tensors: Sequence[Tensor], *, partitioned: object = None) -> Tensor:
     """``‖x‖₂`` over all the tensors, as a float32 (or float64) scalar tensor; 0 for an empty list.
 
     DTensors count once each, whatever their sharding: the result is the norm of the full tensors, the same
     plain scalar tensor on every rank (one scalar all-reduce per set of shard groups, nothing gathered).
+    ``partitioned``: a process group over which the plain ``tensors`` are partitions (DeepSpeed ZeRO-3's flat
+    parameter partitions): the squares are summed over it (one scalar all-reduce).
     """
     dtype = torch.float64 if len(tensors) and tensors[0].dtype == torch.float64 else torch.float32
-    return _norm(_locals(tensors), tensors, dtype)
+    return _norm(_locals(tensors), tensors, dtype, partitioned)
 
 
 def global_dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
@@ -212,12 +224,14 @@ def perturbation_scale(
     grads: Sequence[Tensor] = (),
     asam_eta: float = 0.01,
     grad_unscale: float | Tensor = 1.0,
+    partitioned: object = None,
 ) -> Tensor:
     """The scalar ``s`` such that the perturbation is ``e = s·g`` (``e = s·T²·g`` for ``asam``).
 
     ``grads`` may carry a constant factor (a loss scale, a ``1/k`` accumulation normalization):
     ``grad_unscale`` converts them back to ``g``. ``grad_norm`` is the norm of the *stored*
     gradients. ``sam`` and ``asam`` are invariant to that factor; ``usam``/``ssam`` are not.
+    ``partitioned``: as in `global_norm`.
     """
     kind = PERTURBATIONS[variant]
     if kind == "usam":
@@ -228,7 +242,7 @@ def perturbation_scale(
     torch._foreach_add_(t_g, asam_eta)
     torch._foreach_mul_(t_g, _locals(grads))  # T·g
     dtype = torch.float64 if len(t_g) and t_g[0].dtype == torch.float64 else torch.float32
-    return rho / _norm(t_g, params, dtype)  # e = ρ·T²g/‖Tg‖
+    return rho / _norm(t_g, params, dtype, partitioned)  # e = ρ·T²g/‖Tg‖
 
 
 def ascend_(

@@ -32,6 +32,7 @@ from .normalization import LossKind
 from .optimizer import SSAMOptimizer
 from .passes import PreparedInputs, batchnorm_modules, leave_no_trace, shallow_copy
 from .reporting import CARD_HEADING, MetricsAccumulator, model_card_section
+from .zero import ZeroEngine, ZeroTwoPassStep, check_deepspeed_version, deepspeed_refusal
 
 __all__ = ["SSAMMixin"]
 
@@ -105,26 +106,22 @@ class SSAMMixin:
         super().__init__(*posargs, **kwargs)
         if not isinstance(self.args, _SAMArgumentsMixin):  # the subclass built its own default arguments
             self.args = _promote(self.args)
-        args = self.args
         if isinstance(self.optimizer, SSAMOptimizer):
             raise ValueError(
                 "optimizers=(SSAMOptimizer(...), ...) is not supported: SSAMTrainer runs the two passes itself and "
                 "takes the *base* optimizer, e.g. optimizers=(torch.optim.SGD(model.parameters(), lr=0.1), None); "
                 "set the SAM settings with the sam_* arguments (sam_variant, sam_rho, ...)."
             )
-        if args.sam_enabled and self.is_deepspeed_enabled:
-            raise ValueError(
-                f"DeepSpeed is not supported with sam_variant={args.sam_variant!r}: its engine steps inside "
-                "backward(), which leaves no place for the second pass. Supported: single process, DDP and FSDP2 "
-                "(accelerate launch / torchrun); use sam_variant='none' for plain training."
-            )
+        self._check_deepspeed()
         self._check_fsdp()
-        if self.optimizer is not None:
+        if self.optimizer is not None and not self.is_deepspeed_enabled:
             _refuse_group_sam_settings(self.optimizer)
         self._sam_param_cache: tuple[Any, list[nn.Parameter], list[nn.Parameter]] | None = None
         self._sam_loss_kind: tuple[nn.Module, LossKind] | None = None
         self._sam_bn_cache: tuple[nn.Module, list[nn.Module]] | None = None
         self._sam_step = TwoPassStep()
+        self._sam_zero_step = ZeroTwoPassStep()  # DeepSpeed ZeRO
+        self._sam_zero: ZeroEngine | None = None
         self._sam_direction: tuple[list[int], list[torch.Tensor]] | None = None  # v of the last SAM step (reuse)
         self._sam_direction_sum: list[torch.Tensor] | None = None
         self._sam_metrics = MetricsAccumulator()
@@ -147,20 +144,24 @@ class SSAMMixin:
                 self._sam_metrics.count_step(k, self.args.device)
             return super().training_step(model, inputs, num_items_in_batch)
 
-        params, others = self._sam_param_sets(model)
+        zero = self._zero_engine() if self.is_deepspeed_enabled else None
         trainer_pass = super().training_step  # the Trainer's own forward/backward (or the subclass's wrapper)
         if kind == "reuse":
+            params, others = self._sam_param_sets(model)
             return self._reuse_step(model, params, others, lambda: trainer_pass(model, inputs, num_items_in_batch), k)
         if args.sam_reuse:
             self._sam_direction = None  # the last direction is not used by a SAM step: its memory is freed first
         prepared = PreparedInputs(self)
 
+        def pass_context() -> contextlib.AbstractContextManager[None]:
+            return zero.backward_only(self.accelerator) if zero is not None else self._pass_sync_context(model)
+
         def first_pass() -> torch.Tensor:
-            with self._pass_sync_context(model), prepared.capture():
+            with pass_context(), prepared.capture():
                 return trainer_pass(model, shallow_copy(inputs), num_items_in_batch)
 
         def second_pass() -> torch.Tensor:  # same prepared batch, no trace of it left on the trainer
-            with self._pass_sync_context(model), prepared.replay(), leave_no_trace(self):
+            with pass_context(), prepared.replay(), leave_no_trace(self):
                 return trainer_pass(model, shallow_copy(inputs), num_items_in_batch)
 
         def unscale(like: torch.Tensor) -> torch.Tensor:
@@ -169,15 +170,25 @@ class SSAMMixin:
                 self, kind, inputs, num_items_in_batch, k, self._loss_scale(), like, self._synced_ascent(model)
             )
 
-        result = self._sam_step.run(
-            params, others, first_pass, second_pass, variant=args.sam_variant, rho=args.sam_rho,
-            renormalize=args.sam_renormalize, asam_eta=args.sam_asam_eta, unscale=unscale,
-            replay_rng=args.sam_replay_rng, batchnorm_layers=self._batchnorm_layers(model),
-            loss_scaled=scaler_enabled(getattr(self.accelerator, "scaler", None)), keep_orthogonal=args.sam_reuse,
+        settings = dict(
+            variant=args.sam_variant, rho=args.sam_rho, renormalize=args.sam_renormalize, asam_eta=args.sam_asam_eta,
+            unscale=unscale, replay_rng=args.sam_replay_rng, batchnorm_layers=self._batchnorm_layers(model),
         )  # fmt: skip
-        self._all_reduce_local_ascent(model, params, others)
-        if result.orthogonal is not None:
-            self._keep_direction(model, params, result.orthogonal, k)
+        if zero is not None:  # DeepSpeed ZeRO: its gradient storage; one optimizer step at the boundary
+            boundary = self.accelerator.sync_gradients
+            result = self._sam_zero_step.run(zero, zero.params(), first_pass, second_pass, boundary=boundary,
+                                             **settings)  # fmt: skip
+            if boundary:
+                zero.step()
+        else:
+            params, others = self._sam_param_sets(model)
+            result = self._sam_step.run(
+                params, others, first_pass, second_pass, keep_orthogonal=args.sam_reuse,
+                loss_scaled=scaler_enabled(getattr(self.accelerator, "scaler", None)), **settings,
+            )  # fmt: skip
+            self._all_reduce_local_ascent(model, params, others)
+            if result.orthogonal is not None:
+                self._keep_direction(model, params, result.orthogonal, k)
         self._sam_metrics.add(
             result.grad_norm, result.ascent_grad_norm, result.gamma, result.ascent_loss, result.skipped, k
         )
@@ -240,6 +251,22 @@ class SSAMMixin:
 
     # -------------------------------------------------------------------------------------- helpers
 
+    def _check_deepspeed(self) -> None:
+        """DeepSpeed (``deepspeed=`` or an Accelerate config): a tested version, and a ZeRO config the step runs on."""
+        if not (self.args.sam_enabled and self.is_deepspeed_enabled):
+            return
+        check_deepspeed_version()
+        config = self.accelerator.state.deepspeed_plugin.deepspeed_config
+        refusal = deepspeed_refusal("DeepSpeed", config, self.args, fp16=self.args.fp16)
+        if refusal:
+            raise ValueError(refusal)
+
+    def _zero_engine(self) -> ZeroEngine:
+        engine = self.accelerator.deepspeed_engine_wrapped.engine
+        if self._sam_zero is None or self._sam_zero.engine is not engine:
+            self._sam_zero = ZeroEngine(engine)
+        return self._sam_zero
+
     def _check_fsdp(self) -> None:
         """FSDP enabled by an Accelerate config (not by `fsdp=`): the same checks as the arguments'."""
         if self.args.sam_enabled and self.is_fsdp_enabled:
@@ -285,7 +312,7 @@ class SSAMMixin:
 
     def _synced_ascent(self, model: nn.Module) -> bool:
         """Whether the first pass's gradient is averaged over processes (synchronized ascent, DDP or FSDP2)."""
-        return self.args.sam_sync_ascent and (is_ddp(model) or is_fsdp2(model))
+        return self.args.sam_sync_ascent and (is_ddp(model) or is_fsdp2(model) or self.is_deepspeed_enabled)
 
     @property
     def _sam_backup(self) -> list[torch.Tensor] | None:
@@ -312,7 +339,9 @@ class SSAMMixin:
     def train(self, *args: Any, **kwargs: Any) -> Any:
         """`Trainer.train`, after checking the SAM settings again and clearing metrics of an earlier run."""
         self.args.check_sam_settings()  # fields set after construction get the construction-time checks
+        self._check_deepspeed()
         self._check_fsdp()
+        self._sam_zero_step.reset()
         self._sam_metrics.clear()  # no metrics of an earlier train() in the first log of this one
         self._sam_direction = self._sam_direction_sum = None  # a resumed run loads its own (`_load_rng_state`)
         return super().train(*args, **kwargs)

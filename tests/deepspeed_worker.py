@@ -1,0 +1,165 @@
+"""Worker for tests/test_deepspeed.py: SSAMTrainer under DeepSpeed ZeRO 1/2/3, 2 CPU processes, gloo.
+
+Launched by the tests as users launch training:
+
+    torchrun --standalone --nproc_per_node 2 tests/deepspeed_worker.py --out /tmp/d --runs '[{"name": "a", ...}]'
+
+`TrainingArguments(deepspeed=config, use_cpu=True)` runs the real engine: DeepSpeed picks its CPU accelerator and
+gloo by itself, `Trainer` → `accelerator.prepare` → `deepspeed.initialize` builds the ZeRO optimizer around the
+Trainer's SGD, and the engine reduces, clips and steps as on GPUs. One thing is left out: DeepSpeed's CPU
+communication backend compiles a shared-memory op at start-up (minutes) that serves only inference all-reduces;
+`main` turns that build off (`build_shm_op` returns None, DeepSpeed's own fallback), training collectives are gloo's.
+
+A run trains the MLP of tests/fsdp_trainer_worker.py for a few steps and writes <out>/<name>.rank<r>.pt: the weights
+at the start, DeepSpeed's fp32 master weights at the end (gathered, only to compare them), the inputs of every
+forward pass, the logs, and the engine's step count. Runs of kind ``refusal`` build trainers from an Accelerate
+DeepSpeed config and save the error messages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import SequentialSampler
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's hf_ssam
+
+from _teardown import leave  # noqa: E402  (tests/, the script's own folder)
+from fsdp_trainer_worker import MLP, Regression, SummedMLP, environment  # noqa: E402
+
+from hf_ssam import SSAMTrainer, SSAMTrainingArguments  # noqa: E402
+
+
+def ds_config(spec: dict) -> dict:
+    zero = {"stage": spec["stage"], **spec.get("zero", {})}
+    return {
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",  # max_grad_norm
+        "zero_allow_untested_optimizer": True,  # the Trainer's torch SGD as DeepSpeed's client optimizer
+        "zero_optimization": zero,
+        "bf16": {"enabled": "auto"},
+    }
+
+
+class InOrder(SSAMTrainer):
+    def _get_train_sampler(self, *args, **kwargs):
+        return SequentialSampler(self.train_dataset)
+
+
+def make_args(out: str, spec: dict, **overrides) -> SSAMTrainingArguments:
+    values = dict(
+        output_dir=os.path.join(out, spec["name"]), report_to="none", use_cpu=True, save_strategy="no",
+        disable_tqdm=True, logging_steps=1, max_steps=spec.get("steps", 4), per_device_train_batch_size=4,
+        gradient_accumulation_steps=spec.get("accumulation", 1), learning_rate=0.05, lr_scheduler_type="constant",
+        optim="sgd", optim_args="momentum=0.9", max_grad_norm=spec.get("max_grad_norm", 1.0),
+        bf16=spec.get("bf16", False), sam_variant=spec.get("variant", "ssam"), sam_rho=spec.get("rho", 0.1),
+        sam_sync_ascent=True, seed=0, dataloader_num_workers=0, deepspeed=ds_config(spec),
+    )  # fmt: skip
+    values.update(overrides)
+    return SSAMTrainingArguments(**values)
+
+
+def build(out: str, spec: dict, **overrides) -> tuple[InOrder, list]:
+    model = SummedMLP() if spec.get("token") else MLP()
+    seen: list = []
+    model.register_forward_pre_hook(
+        lambda m, a, kw: seen.append((kw["x"].detach().clone(), kw["labels"].detach().clone())), with_kwargs=True
+    )
+    trainer = InOrder(model=model, args=make_args(out, spec, **overrides), train_dataset=Regression(spec.get("token")))
+    if spec.get("token"):  # the loss divides by num_items_in_batch, declared: no loss probe
+        trainer.loss_is_scaled_for_ga = True
+    return trainer, seen
+
+
+def master_weights(trainer: InOrder) -> torch.Tensor:
+    """DeepSpeed's fp32 master weights, assembled from the partitions (only to compare them)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    return torch.cat([safe_get_full_fp32_param(p).detach().reshape(-1).float() for p in trainer.model.parameters()])
+
+
+def run_train(out: str, spec: dict) -> dict:
+    trainer, seen = build(out, spec)
+    start = torch.cat([p.detach().reshape(-1).float().clone() for p in trainer.model.parameters()])
+    resume = spec.get("resume_at")
+    if resume:  # stop at a checkpoint, then resume into a fresh trainer (other initial weights) up to `steps`
+        trainer, seen = build(out, spec, max_steps=resume, save_strategy="steps", save_steps=resume)
+        trainer.train()
+        trainer, seen = build(out, spec)
+        with torch.no_grad():
+            for p in trainer.model.parameters():
+                p.add_(1.0)  # the checkpoint must overwrite these
+        trainer.train(resume_from_checkpoint=os.path.join(out, spec["name"], f"checkpoint-{resume}"))
+    else:
+        trainer.train()
+    engine = trainer.model_wrapped
+    logs = [{k: v for k, v in h.items() if k.startswith("sam/") or k in ("loss", "grad_norm")}
+            for h in trainer.state.log_history]  # fmt: skip
+    return {
+        "start": start,
+        "weights": master_weights(trainer),
+        "forward_inputs": seen,
+        "logs": logs,
+        "engine": type(engine).__name__,
+        "stage": engine.zero_optimization_stage(),
+        "engine_global_steps": engine.global_steps,
+        "trainer_global_step": trainer.state.global_step,
+        "bf16": engine.bfloat16_enabled(),
+        "checkpoints": sorted(os.listdir(os.path.join(out, spec["name"])))
+        if os.path.isdir(os.path.join(out, spec["name"]))
+        else [],
+    }
+
+
+def run_refusal(out: str, spec: dict) -> dict:
+    """Trainers built from an Accelerate DeepSpeed config (no `deepspeed=` argument), as `accelerate launch` sets
+    it up, and settings changed after construction."""
+    messages = {}
+    cases = {
+        "local_ascent": ({"ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}, {"sam_sync_ascent": False}),
+        "offload": ({"ACCELERATE_DEEPSPEED_ZERO_STAGE": "3", "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE": "cpu"}, {}),
+        "accepted": ({"ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}, {}),
+        "plain_local": ({"ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}, {"sam_variant": "none", "sam_sync_ascent": False}),
+    }
+    for case, (env, overrides) in cases.items():
+        with environment(ACCELERATE_USE_DEEPSPEED="true", ACCELERATE_GRADIENT_ACCUMULATION_STEPS="1", **env):
+            args = make_args(out, {"name": f"{spec['name']}-{case}", "stage": 2}, deepspeed=None, **overrides)
+            try:
+                trainer = InOrder(model=MLP(), args=args, train_dataset=Regression(False))
+                messages[case] = f"accepted, deepspeed={trainer.is_deepspeed_enabled}"
+            except ValueError as err:
+                messages[case] = str(err)
+                continue
+            if case == "accepted":  # a setting changed after construction is checked again when training starts
+                trainer.args.sam_sync_ascent = False
+                try:
+                    trainer.train()
+                    messages["changed_before_train"] = "trained"
+                except ValueError as err:
+                    messages["changed_before_train"] = str(err)
+    return {"messages": messages}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--runs", required=True, help="JSON list of run specs")
+    ns = parser.parse_args()
+    torch.set_num_threads(1)
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None  # see the module docstring
+    for spec in json.loads(ns.runs):
+        result = run_refusal(ns.out, spec) if spec.get("kind") == "refusal" else run_train(ns.out, spec)
+        result["world_size"] = dist.get_world_size()
+        torch.save(result, os.path.join(ns.out, f"{spec['name']}.rank{dist.get_rank()}.pt"))
+    leave()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""SSAMTrainer under DeepSpeed ZeRO stages 1, 2 and 3: 2 CPU processes (gloo) launched with torchrun.
+
+One launch runs every configuration (tests/deepspeed_worker.py, which explains how DeepSpeed runs on CPU processes).
+DeepSpeed's fp32 master weights after 4 steps are compared with the float64 hand computation of one unsharded
+process training on the whole batch (the reference of tests/test_fsdp_trainer.py: plain autograd and the SAM
+formulas, SGD with momentum, clipping once per step).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_fsdp_trainer import IGNORE, TOLERANCE, global_micro_batches, reference
+
+deepspeed = pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install 'hf_ssam[deepspeed]')")
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = Path(__file__).with_name("deepspeed_worker.py")
+#: bf16 weights and compute over fp32 master weights: error relative to how far the weights moved.
+BF16_RELATIVE_TOLERANCE = 2e-2
+
+VARIANTS = ("ssam", "sam", "usam", "asam")
+EQUIVALENCE = [
+    {"name": f"z{stage}-{v}-ga{k}", "stage": stage, "variant": v, "accumulation": k}
+    for stage in (2, 3)
+    for v in VARIANTS
+    for k in (1, 2)
+] + [{"name": f"z1-{v}-ga{k}", "stage": 1, "variant": v, "accumulation": k} for v in ("ssam", "sam") for k in (1, 2)]
+EQUIVALENCE += [
+    # ZeRO-3 with every parameter partitioned (the default threshold keeps the tiny ones gathered: persistent)
+    {"name": "z3-unpersisted-ssam-ga2", "stage": 3, "variant": "ssam", "accumulation": 2,
+     "zero": {"stage3_param_persistence_threshold": 0}},
+    {"name": "z2-tokens-ssam-ga2", "stage": 2, "variant": "ssam", "accumulation": 2, "token": True},
+    {"name": "z3-tokens-ssam-ga2", "stage": 3, "variant": "ssam", "accumulation": 2, "token": True},
+    {"name": "z2-noclip-ssam-ga2", "stage": 2, "variant": "ssam", "accumulation": 2, "max_grad_norm": 0.0},
+    {"name": "z2-plain-ga2", "stage": 2, "variant": "none", "accumulation": 2},
+]  # fmt: skip
+BF16 = [{"name": f"z{s}-bf16-ssam-ga2", "stage": s, "variant": "ssam", "accumulation": 2, "bf16": True} for s in (2, 3)]
+RESUME = [{"name": f"z{s}-resume-ssam-ga2", "stage": s, "variant": "ssam", "accumulation": 2, "resume_at": 2}
+          for s in (2, 3)]  # fmt: skip
+REFUSAL = {"name": "refusal", "kind": "refusal"}
+
+
+def _failure(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.startswith("[rank0]")]
+    return "\n".join(lines)[-4000:] if lines else stderr[-4000:]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("deepspeed")
+    runs = EQUIVALENCE + BF16 + RESUME + [REFUSAL]
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": path}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER),
+           "--out", str(out), "--runs", json.dumps(runs)]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, _failure(proc.stderr)
+
+    def load(name: str, rank: int = 0) -> dict:
+        return torch.load(out / f"{name}.rank{rank}.pt", weights_only=False)
+
+    return load
+
+
+def _expected(run: dict, results) -> tuple[torch.Tensor, torch.Tensor]:
+    r = results(run["name"])
+    clip = {"max_grad_norm": run["max_grad_norm"]} if "max_grad_norm" in run else {}
+    return r["start"], reference({**run, **clip}, r["start"], global_micro_batches(run, results))
+
+
+@pytest.mark.parametrize("run", EQUIVALENCE, ids=[r["name"] for r in EQUIVALENCE])
+def test_two_zero_processes_equal_one_process_on_the_whole_batch(results, run):
+    r0, r1 = results(run["name"], 0), results(run["name"], 1)
+    assert r0["world_size"] == 2 and r0["engine"] == "DeepSpeedEngine" and r0["stage"] == run["stage"]
+    start, expected = _expected(run, results)
+    for r in (r0, r1):
+        err = (r["weights"].double() - expected).abs().max().item()
+        assert err < TOLERANCE, err
+    assert (expected - start.double()).abs().max() > 1e3 * TOLERANCE  # the weights did move
+    gammas = [[h["sam/gamma"] for h in r["logs"] if "sam/gamma" in h] for r in (r0, r1)]
+    assert gammas[0] == gammas[1] and len(gammas[0]) == (0 if run["variant"] == "none" else 4)  # one γ, global
+
+
+def test_the_reference_tells_the_runs_apart(results):
+    """The comparison has teeth: SSAM is not SAM, USAM or plain training, and clipping and token counts matter."""
+    run = next(r for r in EQUIVALENCE if r["name"] == "z2-ssam-ga2")
+    start, batches = results(run["name"])["start"], global_micro_batches(run, results)
+    ssam = reference(run, start, batches)
+    for other in ("usam", "sam", "none"):
+        assert (ssam - reference({**run, "variant": other}, start, batches)).abs().max() > 1e3 * TOLERANCE
+    noclip = next(r for r in EQUIVALENCE if r["name"] == "z2-noclip-ssam-ga2")
+    assert (results(noclip["name"])["weights"] - results(run["name"])["weights"]).abs().max() > 1e3 * TOLERANCE
+    token = next(r for r in EQUIVALENCE if r["name"] == "z2-tokens-ssam-ga2")
+    per_rank = [len(x) - int((y == IGNORE).sum()) for x, y in results(token["name"], 0)["forward_inputs"][::2]]
+    assert len(set(per_rank)) > 1  # the items per micro-batch differ
+
+
+@pytest.mark.parametrize("run", BF16, ids=[r["name"] for r in BF16])
+def test_bf16_stays_within_bf16_tolerance(results, run):
+    r = results(run["name"])
+    assert r["bf16"]
+    start, expected = _expected(run, results)
+    moved = (expected - start.double()).abs().max().item()
+    err = (r["weights"].double() - expected).abs().max().item()
+    assert err < BF16_RELATIVE_TOLERANCE * moved, (err, moved)
+    assert err > 10 * TOLERANCE  # bf16 did run: not the float32 result
+    assert torch.equal(r["weights"], results(run["name"], 1)["weights"])
+
+
+@pytest.mark.parametrize("run", EQUIVALENCE + BF16, ids=[r["name"] for r in EQUIVALENCE + BF16])
+def test_one_optimizer_step_per_accumulation_window(results, run):
+    r = results(run["name"])
+    assert r["engine_global_steps"] == r["trainer_global_step"] == 4
+
+
+@pytest.mark.parametrize("run", RESUME, ids=[r["name"] for r in RESUME])
+def test_checkpoint_save_and_resume_continue_exactly(results, run):
+    straight = results(f"z{run['stage']}-ssam-ga2")["weights"]
+    for rank in (0, 1):
+        r = results(run["name"], rank)
+        assert r["checkpoints"] == ["checkpoint-2"]
+        assert r["engine_global_steps"] == r["trainer_global_step"] == 4
+        assert torch.equal(r["weights"], straight), (r["weights"] - straight).abs().max()
+
+
+def test_accelerate_deepspeed_configs_are_checked_at_construction(results):
+    messages = results("refusal")["messages"]
+    assert "sam_sync_ascent=False is not supported" in messages["local_ascent"]
+    assert "ZeRO reduces every gradient" in messages["local_ascent"]
+    assert "offload_param.device='cpu' is not supported" in messages["offload"]
+    assert messages["accepted"] == "accepted, deepspeed=True"
+    assert messages["plain_local"] == "accepted, deepspeed=True"  # sam_variant='none' is plain DeepSpeed
+    assert "sam_sync_ascent=False is not supported" in messages["changed_before_train"]
