@@ -178,7 +178,9 @@ class SSAMTrainingArguments(_SAMArgumentsMixin, TrainingArguments):
             `sam_replay_rng` not a bool (`"false"` and `None` refused); `sam_interval` not an integer >= 1;
             `sam_start` negative, a bool or a float >= 1 that is not whole; `sam_reuse` not a bool, or True with
             `sam_interval=1`; `sam_reuse_alpha` not a finite number >= 0;
-            DeepSpeed; FSDP other than FSDP2 with `sam_sync_ascent=True`.
+            DeepSpeed missing or outside the tested versions, or a DeepSpeed config the SAM step does not run on
+            (ZeRO stage other than 1–3, `sam_sync_ascent=False`, fp16, offload, `sam_reuse`); FSDP other than FSDP2
+            with `sam_sync_ascent=True`.
     """
 
     sam_variant: str = field(

@@ -440,8 +440,8 @@ def _refuse_unsupported_accelerator(accelerator: Any, model: nn.Module, sync_asc
     kind = str(getattr(accelerator, "distributed_type", ""))
     if "DEEPSPEED" in kind.upper():
         raise ValueError(
-            "SSAMBackward does not support DeepSpeed: its engine steps inside accelerator.backward(), which leaves no "
-            "place for the second pass. Supported: one process, DDP and FSDP2."
+            "SSAMBackward does not support DeepSpeed: its engine steps inside accelerator.backward(). Supported: one "
+            "process, DDP and FSDP2; under DeepSpeed ZeRO use SSAMTrainer or a trainer with SSAMMixin."
         )
     if "FSDP" in kind.upper() and not is_fsdp2(model):
         raise ValueError(

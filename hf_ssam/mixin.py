@@ -75,12 +75,18 @@ class SSAMMixin:
     `sam/reused` with `sam_reuse`. An exception in either pass leaves the weights at `w` bitwise and the gradient
     of earlier micro-batches intact.
 
+    Under DeepSpeed ZeRO 1–3 (`sam_sync_ascent=True`) the same step runs on DeepSpeed's gradient storage
+    (`hf_ssam.zero.ZeroTwoPassStep`): each pass is a reduced backward that does not step, the micro-batches' SAM
+    gradients are summed and handed to the engine at the accumulation boundary, and the engine steps once.
+
     Raises:
         TypeError: at class creation, when `SSAMMixin` comes after a Trainer class in the bases.
-        ValueError: at construction for DeepSpeed, FSDP other than FSDP2 with `sam_sync_ascent=True` (and bf16 or
-            fp32), online-RL trainers that generate inside the step, an `SSAMOptimizer` passed as the optimizer, an
-            optimizer whose parameter groups carry SAM settings (`rho`, `variant`, ...: one `sam_*` setting applies
-            to every parameter), and bad `sam_*` settings (also when `train()` starts).
+        ValueError: at construction for DeepSpeed other than ZeRO 1–3 with `sam_sync_ascent=True` (bf16 or fp32, no
+            offload, no `sam_reuse`; a DeepSpeed version outside the tested range), FSDP other than FSDP2 with
+            `sam_sync_ascent=True` (and bf16 or fp32), online-RL trainers that generate inside the step, an
+            `SSAMOptimizer` passed as the optimizer, an optimizer whose parameter groups carry SAM settings (`rho`,
+            `variant`, ...: one `sam_*` setting applies to every parameter), and bad `sam_*` settings (also when
+            `train()` starts).
     """
 
     args: SSAMTrainingArguments

@@ -20,7 +20,8 @@ class SSAMTrainer(SSAMMixin, Trainer):
     `class MyTrainer(SSAMMixin, SFTTrainer)` instead. See `SSAMMixin` for the step.
 
     Raises:
-        ValueError: as `SSAMMixin`: DeepSpeed, FSDP other than FSDP2 with `sam_sync_ascent=True`, an
+        ValueError: as `SSAMMixin`: DeepSpeed other than ZeRO 1–3 with `sam_sync_ascent=True` (bf16 or fp32, no
+            offload), FSDP other than FSDP2 with `sam_sync_ascent=True`, an
             `SSAMOptimizer` passed as the optimizer, bad `sam_*` settings (at construction and when `train()`
             starts).
     """

@@ -30,7 +30,8 @@ from torch.utils.data import SequentialSampler
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's hf_ssam
 
-from _teardown import leave  # noqa: E402  (tests/, the script's own folder)
+from _lm import Sequences, tiny_lm  # noqa: E402  (tests/, the script's own folder)
+from _teardown import leave  # noqa: E402
 from fsdp_trainer_worker import MLP, Regression, SummedMLP, environment  # noqa: E402
 
 from hf_ssam import SSAMTrainer, SSAMTrainingArguments  # noqa: E402
@@ -48,6 +49,17 @@ def ds_config(spec: dict) -> dict:
     }
 
 
+class DropoutMLP(MLP):
+    """The MLP with dropout before the head: both passes must draw the same masks."""
+
+    def __init__(self):
+        super().__init__()
+        self.dropout = torch.nn.Dropout(0.3)
+
+    def predict(self, x):
+        return self.head(self.dropout(self.blocks(x))).squeeze(-1).float()
+
+
 class InOrder(SSAMTrainer):
     def _get_train_sampler(self, *args, **kwargs):
         return SequentialSampler(self.train_dataset)
@@ -59,6 +71,7 @@ def make_args(out: str, spec: dict, **overrides) -> SSAMTrainingArguments:
         disable_tqdm=True, logging_steps=1, max_steps=spec.get("steps", 4), per_device_train_batch_size=4,
         gradient_accumulation_steps=spec.get("accumulation", 1), learning_rate=0.05, lr_scheduler_type="constant",
         optim="sgd", optim_args="momentum=0.9", max_grad_norm=spec.get("max_grad_norm", 1.0),
+        sam_replay_rng=spec.get("replay_rng", True),
         bf16=spec.get("bf16", False), sam_variant=spec.get("variant", "ssam"), sam_rho=spec.get("rho", 0.1),
         sam_sync_ascent=True, seed=0, dataloader_num_workers=0, deepspeed=ds_config(spec),
     )  # fmt: skip
@@ -67,7 +80,9 @@ def make_args(out: str, spec: dict, **overrides) -> SSAMTrainingArguments:
 
 
 def build(out: str, spec: dict, **overrides) -> tuple[InOrder, list]:
-    model = SummedMLP() if spec.get("token") else MLP()
+    if spec.get("model") == "lm":
+        return build_lm(out, spec, **overrides)
+    model = SummedMLP() if spec.get("token") else DropoutMLP() if spec.get("dropout") else MLP()
     seen: list = []
     model.register_forward_pre_hook(
         lambda m, a, kw: seen.append((kw["x"].detach().clone(), kw["labels"].detach().clone())), with_kwargs=True
@@ -78,16 +93,55 @@ def build(out: str, spec: dict, **overrides) -> tuple[InOrder, list]:
     return trainer, seen
 
 
+def build_lm(out: str, spec: dict, **overrides) -> tuple[InOrder, list]:
+    """A tiny Llama (float32), token-normalized loss, unequal label tokens per micro-batch and per rank; with
+    ``lora``, LoRA adapters on q/v (peft)."""
+    model = tiny_lm().float()
+    if spec.get("lora"):
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(r=2, lora_alpha=4, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
+                          task_type="CAUSAL_LM")  # fmt: skip
+        model = get_peft_model(model, lora)
+    seen: list = []
+    model.register_forward_pre_hook(  # the passes, not the once-per-run loss probe (under no_grad)
+        lambda m, a, kw: seen.append((kw["input_ids"].clone(), kw["labels"].clone()))
+        if torch.is_grad_enabled()
+        else None,
+        with_kwargs=True,
+    )
+    values = dict(per_device_train_batch_size=2, steps=spec.get("steps", 1), learning_rate=0.5, optim_args=None,
+                  max_grad_norm=0.0, sam_rho=0.05)  # fmt: skip
+    values.update(overrides)
+    steps = values.pop("steps")
+    args = make_args(out, {**spec, "steps": steps}, **values)
+    trainer = InOrder(model=model, args=args, train_dataset=Sequences(spec["lengths"]))
+    return trainer, seen
+
+
 def master_weights(trainer: InOrder) -> torch.Tensor:
     """DeepSpeed's fp32 master weights, assembled from the partitions (only to compare them)."""
+    return torch.cat([safe_full(p).reshape(-1) for p in trainer.model.parameters()])
+
+
+def safe_full(p: torch.nn.Parameter) -> torch.Tensor:
+    """A parameter's full value: DeepSpeed's fp32 master copy where it holds one (trainable), else the module's."""
     from deepspeed.utils import safe_get_full_fp32_param
 
-    return torch.cat([safe_get_full_fp32_param(p).detach().reshape(-1).float() for p in trainer.model.parameters()])
+    if p.requires_grad:
+        return safe_get_full_fp32_param(p).detach().float().clone()
+    if hasattr(p, "ds_id"):  # a frozen ZeRO-3 parameter: gathered to read it
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([p]):
+            return p.detach().float().clone()
+    return p.detach().float().clone()
 
 
 def run_train(out: str, spec: dict) -> dict:
     trainer, seen = build(out, spec)
     start = torch.cat([p.detach().reshape(-1).float().clone() for p in trainer.model.parameters()])
+    start_named = {n: p.detach().float().clone() for n, p in trainer.model.named_parameters()}
     resume = spec.get("resume_at")
     if resume:  # stop at a checkpoint, then resume into a fresh trainer (other initial weights) up to `steps`
         trainer, seen = build(out, spec, max_steps=resume, save_strategy="steps", save_steps=resume)
@@ -100,10 +154,13 @@ def run_train(out: str, spec: dict) -> dict:
     else:
         trainer.train()
     engine = trainer.model_wrapped
+    sam_set = trainer._sam_zero.params() if trainer._sam_zero is not None else []
+    backup = trainer._sam_zero_step.backup or []
     logs = [{k: v for k, v in h.items() if k.startswith("sam/") or k in ("loss", "grad_norm")}
             for h in trainer.state.log_history]  # fmt: skip
     return {
         "start": start,
+        "start_named": start_named,
         "weights": master_weights(trainer),
         "forward_inputs": seen,
         "logs": logs,
@@ -112,6 +169,10 @@ def run_train(out: str, spec: dict) -> dict:
         "engine_global_steps": engine.global_steps,
         "trainer_global_step": trainer.state.global_step,
         "bf16": engine.bfloat16_enabled(),
+        "sam_set": [n for n, p in trainer.model.named_parameters() if any(p is q for q in sam_set)],
+        "trainable": [n for n, p in trainer.model.named_parameters() if p.requires_grad],
+        "backup_numel": sum(b.numel() for b in backup),
+        "named_weights": {n: safe_full(p) for n, p in trainer.model.named_parameters()},
         "checkpoints": sorted(os.listdir(os.path.join(out, spec["name"])))
         if os.path.isdir(os.path.join(out, spec["name"]))
         else [],

@@ -2,6 +2,8 @@
 
 import dataclasses
 import os
+import re
+import sys
 
 import pytest
 import transformers
@@ -10,6 +12,7 @@ from transformers import HfArgumentParser, TrainingArguments
 
 from hf_ssam import SSAMTrainingArguments
 from hf_ssam.arguments import _fsdp_version
+from hf_ssam.zero import ALLOW_UNTESTED, check_deepspeed_version
 
 TRANSFORMERS_4 = Version(transformers.__version__).major < 5
 
@@ -73,7 +76,6 @@ def test_yaml(tmp_path):
         (dict(sam_variant="ssam", sam_renormalize=False), r"sam_renormalize=False.*sam_variant='ssam'"),
         (dict(sam_asam_eta=-1.0), r"sam_asam_eta=-1.0.*>= 0"),
         (dict(sam_interval=0), r"sam_interval=0.*>= 1"),
-        (dict(deepspeed={"train_batch_size": 8}), r"deepspeed=.*not supported.*Supported: single process, DDP"),
         (dict(fsdp=True), r"fsdp=True \(FSDP2\) with sam_sync_ascent=False is not supported.*sam_sync_ascent=True"),
         (
             dict(fsdp=True, fsdp_config={"fsdp_version": 1}, sam_sync_ascent=True),
@@ -213,3 +215,24 @@ def test_fsdp_refusal_at_train_time_quotes_the_value_as_given():
     args.sam_sync_ascent = False
     with pytest.raises(ValueError, match=r"^fsdp='full_shard' \(FSDP2\) with sam_sync_ascent=False"):
         args.check_sam_settings()
+
+
+@pytest.mark.parametrize("version", ["0.19.8", "0.19.9", "0.19.10"])
+def test_a_tested_deepspeed_version_passes(version):
+    check_deepspeed_version(version)
+
+
+@pytest.mark.parametrize("version", ["0.19.7", "0.18.0", "0.20.0", "1.0.0"])
+def test_a_deepspeed_version_outside_the_tested_range_is_refused(version, monkeypatch):
+    monkeypatch.delenv(ALLOW_UNTESTED, raising=False)
+    with pytest.raises(ValueError, match=rf"DeepSpeed {re.escape(version)} is outside the range.*>=0.19.8,<0.20"):
+        check_deepspeed_version(version)
+    monkeypatch.setenv(ALLOW_UNTESTED, "1")  # the user's own risk: a warning naming the range instead
+    with pytest.warns(UserWarning, match=r"outside the range the SAM step is tested with \(>=0.19.8,<0.20\)"):
+        check_deepspeed_version(version)
+
+
+def test_a_missing_deepspeed_is_named_when_sam_asks_for_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # import deepspeed → ImportError
+    with pytest.raises(ValueError, match=r"DeepSpeed is not installed: pip install 'hf_ssam\[deepspeed\]'"):
+        _args(deepspeed={"zero_optimization": {"stage": 2}}, sam_sync_ascent=True)

@@ -14,9 +14,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import test_fsdp_trainer
 import torch
-
+from _lm import hand_sam_gradient, label_tokens, tiny_lm
 from test_fsdp_trainer import IGNORE, TOLERANCE, global_micro_batches, reference
 
 deepspeed = pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install 'hf_ssam[deepspeed]')")
@@ -42,10 +44,23 @@ EQUIVALENCE += [
     {"name": "z2-noclip-ssam-ga2", "stage": 2, "variant": "ssam", "accumulation": 2, "max_grad_norm": 0.0},
     {"name": "z2-plain-ga2", "stage": 2, "variant": "none", "accumulation": 2},
 ]  # fmt: skip
-BF16 = [{"name": f"z{s}-bf16-ssam-ga2", "stage": s, "variant": "ssam", "accumulation": 2, "bf16": True} for s in (2, 3)]
+BF16 = [{"name": f"z{s}-bf16-ssam-ga2", "stage": s, "variant": "ssam", "accumulation": 2, "bf16": True}
+        for s in (2, 3)]  # fmt: skip
 RESUME = [{"name": f"z{s}-resume-ssam-ga2", "stage": s, "variant": "ssam", "accumulation": 2, "resume_at": 2}
           for s in (2, 3)]  # fmt: skip
 REFUSAL = {"name": "refusal", "kind": "refusal"}
+LM_LR, LM_RHO = 0.5, 0.05
+LENGTHS = [3, 16, 2, 15, 9, 4, 16, 6]  # label tokens per sequence: unequal micro-batches and ranks
+LM = [{"name": f"z{s}-llama-ssam-ga2", "model": "lm", "stage": s, "accumulation": 2, "lengths": LENGTHS}
+      for s in (2, 3)]  # fmt: skip
+LORA = {"name": "z2-lora-ssam-ga2", "model": "lm", "lora": True, "stage": 2, "accumulation": 2, "lengths": LENGTHS,
+        "steps": 2}  # fmt: skip
+DROPOUT = [
+    {"name": "z2-dropout-plain", "stage": 2, "variant": "none", "accumulation": 2, "dropout": True},
+    {"name": "z2-dropout-rho0", "stage": 2, "rho": 0.0, "accumulation": 2, "dropout": True},
+    {"name": "z2-dropout-rho0-noreplay", "stage": 2, "rho": 0.0, "accumulation": 2, "dropout": True,
+     "replay_rng": False},
+]  # fmt: skip
 
 
 def _failure(stderr: str) -> str:
@@ -56,7 +71,7 @@ def _failure(stderr: str) -> str:
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("deepspeed")
-    runs = EQUIVALENCE + BF16 + RESUME + [REFUSAL]
+    runs = EQUIVALENCE + BF16 + RESUME + LM + [LORA] + DROPOUT + [REFUSAL]
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": path}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER),
@@ -70,14 +85,19 @@ def results(tmp_path_factory):
     return load
 
 
-def _expected(run: dict, results) -> tuple[torch.Tensor, torch.Tensor]:
-    r = results(run["name"])
-    clip = {"max_grad_norm": run["max_grad_norm"]} if "max_grad_norm" in run else {}
-    return r["start"], reference({**run, **clip}, r["start"], global_micro_batches(run, results))
+@pytest.fixture
+def _expected(monkeypatch):
+    def expected(run: dict, results) -> tuple[torch.Tensor, torch.Tensor]:
+        r = results(run["name"])
+        if run.get("max_grad_norm") == 0.0:  # no clipping (the Trainer's max_grad_norm=0, DeepSpeed's "auto")
+            monkeypatch.setattr(test_fsdp_trainer, "MAX_GRAD_NORM", float("inf"))
+        return r["start"], reference(run, r["start"], global_micro_batches(run, results))
+
+    return expected
 
 
 @pytest.mark.parametrize("run", EQUIVALENCE, ids=[r["name"] for r in EQUIVALENCE])
-def test_two_zero_processes_equal_one_process_on_the_whole_batch(results, run):
+def test_two_zero_processes_equal_one_process_on_the_whole_batch(results, run, _expected):
     r0, r1 = results(run["name"], 0), results(run["name"], 1)
     assert r0["world_size"] == 2 and r0["engine"] == "DeepSpeedEngine" and r0["stage"] == run["stage"]
     start, expected = _expected(run, results)
@@ -104,7 +124,7 @@ def test_the_reference_tells_the_runs_apart(results):
 
 
 @pytest.mark.parametrize("run", BF16, ids=[r["name"] for r in BF16])
-def test_bf16_stays_within_bf16_tolerance(results, run):
+def test_bf16_stays_within_bf16_tolerance(results, run, _expected):
     r = results(run["name"])
     assert r["bf16"]
     start, expected = _expected(run, results)
@@ -139,3 +159,47 @@ def test_accelerate_deepspeed_configs_are_checked_at_construction(results):
     assert messages["accepted"] == "accepted, deepspeed=True"
     assert messages["plain_local"] == "accepted, deepspeed=True"  # sam_variant='none' is plain DeepSpeed
     assert "sam_sync_ascent=False is not supported" in messages["changed_before_train"]
+
+
+@pytest.mark.parametrize("run", LM, ids=[r["name"] for r in LM])
+def test_a_token_normalized_llama_with_unequal_tokens_per_rank(results, run):
+    """One SSAM step (2 micro-batches) of a tiny Llama: the float64 hand computation on the global micro-batches,
+    g the gradient of each one's mean loss per label token, the descent weighted by its share of the tokens."""
+    ranks = [results(run["name"], r) for r in (0, 1)]
+    micro = [r["forward_inputs"][::2] for r in ranks]  # two passes per micro-batch: the first
+    assert all(torch.equal(a[0], b[0]) for r in ranks for a, b in zip(r["forward_inputs"][::2],
+                                                                         r["forward_inputs"][1::2]))  # fmt: skip
+    n = [[label_tokens(lab) for _, lab in m] for m in micro]
+    assert n[0] != n[1]  # the ranks see different token counts
+    groups = [[micro[0][i], micro[1][i]] for i in range(2)]
+    total = sum(map(sum, n))
+    coefs = [(n[0][i] + n[1][i]) / total for i in range(2)]
+    model = tiny_lm()
+    with torch.no_grad():
+        for p, start in zip(model.parameters(), ranks[0]["start_named"].values()):
+            p.copy_(start.double())  # the float32 weights the engine started from
+    grad, norms = hand_sam_gradient(model, groups, coefs, "ssam", LM_RHO)
+    expected = torch.cat([(p.detach() - LM_LR * g).reshape(-1) for p, g in zip(model.parameters(), grad)])
+    for r in ranks:
+        err = (r["weights"].double() - expected).abs().max().item()
+        assert err < TOLERANCE, err
+        assert r["logs"][0]["sam/grad_norm"] == pytest.approx(np.mean(norms), rel=1e-5)
+    assert (expected - ranks[0]["start"].double()).abs().max() > 1e3 * TOLERANCE
+
+
+def test_lora_under_zero2_perturbs_and_updates_only_the_adapters(results):
+    r = results(LORA["name"])
+    assert r["sam_set"] == r["trainable"] and r["trainable"] and all("lora_" in n for n in r["trainable"])
+    moved = {n for n, w in r["named_weights"].items() if not torch.equal(w, r["start_named"][n])}
+    assert moved <= set(r["trainable"])  # every base weight bitwise unchanged
+    assert {n for n in r["trainable"] if "lora_B" in n} <= moved  # the adapters trained (A barely: B starts at 0)
+    assert r["backup_numel"] == sum(r["start_named"][n].numel() for n in r["trainable"])  # w saved: adapters only
+    assert r["engine_global_steps"] == r["trainer_global_step"] == 2
+
+
+def test_dropout_masks_are_replayed_in_the_second_pass(results):
+    """ρ = 0 with dropout: the second pass sees the same masks, so SSAM is plain DeepSpeed training, bitwise;
+    without the replay the second pass draws other masks and the run differs."""
+    plain, rho0, noreplay = (results(run["name"])["weights"] for run in DROPOUT)
+    assert torch.equal(rho0, plain)
+    assert (noreplay - plain).abs().max() > 1e-4
