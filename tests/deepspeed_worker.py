@@ -105,9 +105,9 @@ def build_lm(out: str, spec: dict, **overrides) -> tuple[InOrder, list]:
         model = get_peft_model(model, lora)
     seen: list = []
     model.register_forward_pre_hook(  # the passes, not the once-per-run loss probe (under no_grad)
-        lambda m, a, kw: seen.append((kw["input_ids"].clone(), kw["labels"].clone()))
-        if torch.is_grad_enabled()
-        else None,
+        lambda m, a, kw: (
+            seen.append((kw["input_ids"].clone(), kw["labels"].clone())) if torch.is_grad_enabled() else None
+        ),
         with_kwargs=True,
     )
     values = dict(per_device_train_batch_size=2, steps=spec.get("steps", 1), learning_rate=0.5, optim_args=None,
@@ -179,6 +179,53 @@ def run_train(out: str, spec: dict) -> dict:
     }
 
 
+def run_dpo(out: str, spec: dict) -> dict:
+    """TRL's DPOTrainer with SSAMMixin under ZeRO: the policy is the SAM set, the reference model is never touched."""
+    from test_mixin import _dpo_data, tiny_llama, word_tokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    from hf_ssam import SSAMMixin, sam_arguments
+
+    class SSAMDPOTrainer(SSAMMixin, DPOTrainer):
+        pass
+
+    model, ref = tiny_llama(torch.float32), tiny_llama(torch.float32)
+    ref_before = {n: p.detach().clone() for n, p in ref.named_parameters()}
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    args = sam_arguments(DPOConfig)(
+        output_dir=os.path.join(out, spec["name"]), report_to="none", use_cpu=True, save_strategy="no",
+        disable_tqdm=True, logging_steps=1, max_steps=3, per_device_train_batch_size=1, gradient_accumulation_steps=2,
+        learning_rate=0.1, lr_scheduler_type="constant", optim="sgd", max_grad_norm=0.0, seed=0, bf16=False,
+        dataset_num_proc=None, sam_variant=spec.get("variant", "ssam"), sam_rho=spec.get("rho", 0.05),
+        sam_sync_ascent=True, deepspeed=ds_config(spec),
+    )  # fmt: skip
+    trainer = SSAMDPOTrainer(model=model, ref_model=ref, args=args, train_dataset=_dpo_data(),
+                             processing_class=word_tokenizer())  # fmt: skip
+    ref_engine = trainer.ref_model
+    ref_module = getattr(ref_engine, "module", ref_engine)
+    seen = []  # the reference model's weights at each of its forwards: never perturbed
+    ref_module.register_forward_pre_hook(
+        lambda m, a: seen.append(torch.equal(m.model.embed_tokens.weight, ref_before["model.embed_tokens.weight"]))
+    )
+    trainer.train()
+    engine = trainer.model_wrapped
+    sam_set = trainer._sam_zero.params() if trainer._sam_zero is not None else []
+    return {
+        "start_named": start,
+        "named_weights": {n: safe_full(p) for n, p in trainer.model.named_parameters()},
+        "ref_unchanged": all(torch.equal(p, ref_before[n]) for n, p in ref_module.named_parameters()),
+        "ref_forwards_at_its_weights": seen,
+        "sam_set_is_policy": len(sam_set) == sum(p.requires_grad for p in trainer.model.parameters())
+        and all(any(p is q for q in trainer.model.parameters()) for p in sam_set),
+        "logs": [
+            {k: v for k, v in h.items() if "runtime" not in k and "per_second" not in k}
+            for h in trainer.state.log_history
+        ],  # fmt: skip
+        "engine_global_steps": engine.global_steps,
+        "trainer_global_step": trainer.state.global_step,
+    }
+
+
 def run_refusal(out: str, spec: dict) -> dict:
     """Trainers built from an Accelerate DeepSpeed config (no `deepspeed=` argument), as `accelerate launch` sets
     it up, and settings changed after construction."""
@@ -216,7 +263,8 @@ def main() -> None:
     torch.set_num_threads(1)
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None  # see the module docstring
     for spec in json.loads(ns.runs):
-        result = run_refusal(ns.out, spec) if spec.get("kind") == "refusal" else run_train(ns.out, spec)
+        kind = spec.get("kind", "train")
+        result = {"refusal": run_refusal, "dpo": run_dpo, "train": run_train}[kind](ns.out, spec)
         result["world_size"] = dist.get_world_size()
         torch.save(result, os.path.join(ns.out, f"{spec['name']}.rank{dist.get_rank()}.pt"))
     leave()

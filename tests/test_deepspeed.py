@@ -49,6 +49,9 @@ BF16 = [{"name": f"z{s}-bf16-ssam-ga2", "stage": s, "variant": "ssam", "accumula
 RESUME = [{"name": f"z{s}-resume-ssam-ga2", "stage": s, "variant": "ssam", "accumulation": 2, "resume_at": 2}
           for s in (2, 3)]  # fmt: skip
 REFUSAL = {"name": "refusal", "kind": "refusal"}
+DPO = [{"name": "dpo-plain", "kind": "dpo", "stage": 2, "variant": "none"},
+       {"name": "dpo-rho0", "kind": "dpo", "stage": 2, "rho": 0.0},
+       {"name": "dpo-ssam", "kind": "dpo", "stage": 2}]  # fmt: skip
 LM_LR, LM_RHO = 0.5, 0.05
 LENGTHS = [3, 16, 2, 15, 9, 4, 16, 6]  # label tokens per sequence: unequal micro-batches and ranks
 LM = [{"name": f"z{s}-llama-ssam-ga2", "model": "lm", "stage": s, "accumulation": 2, "lengths": LENGTHS}
@@ -71,7 +74,7 @@ def _failure(stderr: str) -> str:
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("deepspeed")
-    runs = EQUIVALENCE + BF16 + RESUME + LM + [LORA] + DROPOUT + [REFUSAL]
+    runs = EQUIVALENCE + BF16 + RESUME + LM + [LORA] + DROPOUT + DPO + [REFUSAL]
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": path}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER),
@@ -203,3 +206,22 @@ def test_dropout_masks_are_replayed_in_the_second_pass(results):
     plain, rho0, noreplay = (results(run["name"])["weights"] for run in DROPOUT)
     assert torch.equal(rho0, plain)
     assert (noreplay - plain).abs().max() > 1e-4
+
+
+def test_dpo_under_zero2_keeps_the_reference_model_out_of_the_sam_step(results):
+    """TRL's DPOTrainer + SSAMMixin under ZeRO-2: ρ = 0 is plain DPO bitwise (weights and every logged metric), the
+    metrics of a SAM step are those at w, the policy alone is perturbed and saved, the reference model is never
+    changed and runs at its own weights."""
+    plain, rho0, ssam = (results(run["name"]) for run in DPO)
+    assert all(torch.equal(plain["named_weights"][n], rho0["named_weights"][n]) for n in plain["named_weights"])
+    strip = lambda h: {k: v for k, v in h.items() if not k.startswith("sam/")}  # noqa: E731
+    assert [strip(h) for h in rho0["logs"]] == [strip(h) for h in plain["logs"]]
+    assert any(k.startswith("rewards/") for k in plain["logs"][0])
+    at_w = lambda r: {k: v for k, v in strip(r["logs"][0]).items() if k != "grad_norm"}  # noqa: E731
+    assert at_w(ssam) == at_w(plain)  # the metrics DPO records are those of the pass at w, not of w + e
+    names = plain["named_weights"]
+    assert max((ssam["named_weights"][n] - plain["named_weights"][n]).abs().max() for n in names) > 1e-4
+    for r in (plain, rho0, ssam):
+        assert r["ref_unchanged"] and r["ref_forwards_at_its_weights"] and all(r["ref_forwards_at_its_weights"])
+        assert r["engine_global_steps"] == r["trainer_global_step"] == 3
+    assert rho0["sam_set_is_policy"] and ssam["sam_set_is_policy"]
