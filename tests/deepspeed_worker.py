@@ -226,6 +226,42 @@ def run_dpo(out: str, spec: dict) -> dict:
     }
 
 
+def run_fault(out: str, spec: dict) -> dict:
+    """An exception in the second pass of a micro-batch (the ``fault_at``-th forward under grad): the weights the
+    forward reads (parameters, or ZeRO-3 partitions) are back at w bitwise when it reaches the caller."""
+
+    def weights() -> list[torch.Tensor]:
+        return [(p.ds_tensor if hasattr(p, "ds_tensor") else p).detach().clone() for p in trainer.model.parameters()]
+
+    class Faulty(InOrder):
+        calls = 0
+        snapshots: dict = {}
+
+        def compute_loss(self, *args, **kwargs):
+            if torch.is_grad_enabled():
+                type(self).calls += 1
+                if type(self).calls == spec["fault_at"] - 1:
+                    self.snapshots["at_w"] = weights()
+                if type(self).calls == spec["fault_at"]:
+                    self.snapshots["at_w_plus_e"] = weights()
+                    raise RuntimeError("injected fault in the second pass")
+            return super().compute_loss(*args, **kwargs)
+
+    trainer = Faulty(model=MLP(), args=make_args(out, spec), train_dataset=Regression(False))
+    try:
+        trainer.train()
+        message = "no exception"
+    except RuntimeError as err:
+        message = str(err)
+    after = weights()
+    at_w, at_w_plus_e = Faulty.snapshots["at_w"], Faulty.snapshots["at_w_plus_e"]
+    return {
+        "message": message,
+        "restored": all(torch.equal(a, b) for a, b in zip(after, at_w)),
+        "was_perturbed": any(not torch.equal(a, b) for a, b in zip(at_w_plus_e, at_w)),
+    }
+
+
 def run_refusal(out: str, spec: dict) -> dict:
     """Trainers built from an Accelerate DeepSpeed config (no `deepspeed=` argument), as `accelerate launch` sets
     it up, and settings changed after construction."""
@@ -264,7 +300,7 @@ def main() -> None:
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None  # see the module docstring
     for spec in json.loads(ns.runs):
         kind = spec.get("kind", "train")
-        result = {"refusal": run_refusal, "dpo": run_dpo, "train": run_train}[kind](ns.out, spec)
+        result = {"refusal": run_refusal, "dpo": run_dpo, "fault": run_fault, "train": run_train}[kind](ns.out, spec)
         result["world_size"] = dist.get_world_size()
         torch.save(result, os.path.join(ns.out, f"{spec['name']}.rank{dist.get_rank()}.pt"))
     leave()

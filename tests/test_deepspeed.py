@@ -49,6 +49,8 @@ BF16 = [{"name": f"z{s}-bf16-ssam-ga2", "stage": s, "variant": "ssam", "accumula
 RESUME = [{"name": f"z{s}-resume-ssam-ga2", "stage": s, "variant": "ssam", "accumulation": 2, "resume_at": 2}
           for s in (2, 3)]  # fmt: skip
 REFUSAL = {"name": "refusal", "kind": "refusal"}
+#: the 6th pass is the second pass of the 3rd micro-batch: step 2, its first micro-batch's gradient already summed
+FAULT = [{"name": f"z{s}-fault", "kind": "fault", "stage": s, "accumulation": 2, "fault_at": 6} for s in (2, 3)]
 DPO = [{"name": "dpo-plain", "kind": "dpo", "stage": 2, "variant": "none"},
        {"name": "dpo-rho0", "kind": "dpo", "stage": 2, "rho": 0.0},
        {"name": "dpo-ssam", "kind": "dpo", "stage": 2}]  # fmt: skip
@@ -74,7 +76,7 @@ def _failure(stderr: str) -> str:
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("deepspeed")
-    runs = EQUIVALENCE + BF16 + RESUME + LM + [LORA] + DROPOUT + DPO + [REFUSAL]
+    runs = EQUIVALENCE + BF16 + RESUME + LM + [LORA] + DROPOUT + DPO + FAULT + [REFUSAL]
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": path}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER),
@@ -225,3 +227,61 @@ def test_dpo_under_zero2_keeps_the_reference_model_out_of_the_sam_step(results):
         assert r["ref_unchanged"] and r["ref_forwards_at_its_weights"] and all(r["ref_forwards_at_its_weights"])
         assert r["engine_global_steps"] == r["trainer_global_step"] == 3
     assert rho0["sam_set_is_policy"] and ssam["sam_set_is_policy"]
+
+
+@pytest.mark.parametrize("run", FAULT, ids=[r["name"] for r in FAULT])
+def test_an_exception_in_the_second_pass_leaves_the_weights_at_w(results, run):
+    for rank in (0, 1):
+        r = results(run["name"], rank)
+        assert r["message"] == "injected fault in the second pass"
+        assert r["was_perturbed"] and r["restored"]
+
+
+CONFIG = {"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": "auto"}
+
+
+@pytest.mark.parametrize(
+    "config, kwargs, match",
+    [
+        (CONFIG, {}, r"sam_sync_ascent=False is not supported.*ZeRO reduces every gradient inside backward"),
+        ({**CONFIG, "zero_optimization": {"stage": 0}}, {}, r"ZeRO stage 0 is not supported.*stages 1, 2 and 3"),
+        ({**CONFIG, "fp16": {"enabled": True}}, {}, r"with fp16 is not supported.*loss scaler.*Use bf16"),
+        ({**CONFIG, "zero_optimization": {"stage": 3, "offload_param": {"device": "nvme"}}}, {},
+         r"offload_param.device='nvme' is not supported"),
+        ({**CONFIG, "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}, {},
+         r"offload_optimizer.device='cpu' is not supported"),
+        (CONFIG, {"sam_reuse": True, "sam_interval": 2}, r"sam_reuse=True is not supported"),
+    ],
+)  # fmt: skip
+def test_deepspeed_settings_the_step_does_not_run_on_are_refused_at_construction(tmp_path, config, kwargs, match):
+    from hf_ssam import SSAMTrainingArguments
+
+    sync = {"sam_sync_ascent": True} if "sam_sync_ascent=False" not in match else {}
+    with pytest.raises(ValueError, match=match):
+        SSAMTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", deepspeed=config,
+                              **sync, **kwargs)  # fmt: skip
+
+
+def test_a_deepspeed_config_file_is_read_and_quoted(tmp_path):
+    from hf_ssam import SSAMTrainingArguments
+
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({**CONFIG, "fp16": {"enabled": True}}))
+    with pytest.raises(ValueError, match=rf"deepspeed='{path}' with fp16 is not supported"):
+        SSAMTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", deepspeed=str(path),
+                              sam_sync_ascent=True)  # fmt: skip
+    path.write_text(json.dumps(CONFIG))
+    args = SSAMTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", deepspeed=str(path),
+                                 sam_sync_ascent=True)  # fmt: skip
+    assert args.sam_enabled and args.hf_deepspeed_config.config["zero_optimization"]["stage"] == 2
+    args.sam_sync_ascent = False  # changed after construction: train() checks again
+    with pytest.raises(ValueError, match="sam_sync_ascent=False is not supported"):
+        args.check_sam_settings()
+
+
+def test_plain_deepspeed_needs_no_sam_setting(tmp_path):
+    from hf_ssam import SSAMTrainingArguments
+
+    args = SSAMTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", sam_variant="none",
+                                 deepspeed={**CONFIG, "fp16": {"enabled": True}})  # fmt: skip
+    assert not args.sam_enabled
