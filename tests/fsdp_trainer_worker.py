@@ -38,6 +38,7 @@ from torch.utils.data import Dataset, SequentialSampler
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's hf_ssam
 
 from _teardown import leave  # noqa: E402  (tests/, the script's own folder)
+from _versions import TRANSFORMERS_4  # noqa: E402
 
 from hf_ssam import SSAMTrainer, SSAMTrainingArguments  # noqa: E402
 
@@ -311,6 +312,8 @@ def main() -> None:
     ns = parser.parse_args()
     torch.set_num_threads(1)
     enable_fsdp_on_cpu()
+    if TRANSFORMERS_4:  # 4.x ignores fsdp_config["fsdp_version"]: Accelerate reads the version from here (default 1)
+        os.environ.setdefault("FSDP_VERSION", "2")
     for spec in json.loads(ns.runs):
         result = run_refusal(ns.out, spec) if spec.get("kind") == "refusal" else run_train(ns.out, spec)
         result["world_size"] = dist.get_world_size()

@@ -16,6 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from _versions import needs_fsdp2_on_cpu
+
+pytestmark = needs_fsdp2_on_cpu  # torch 2.6 (the oldest supported) cannot run FSDP2 on CPU processes
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("fsdp_trainer_worker.py")
