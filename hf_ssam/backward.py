@@ -16,6 +16,7 @@ earlier micro-batches is left as it was and the step can be run again: the excep
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +34,7 @@ from .engines import (
     scaler_enabled,
     torch_reduce_mean,
 )
+from .functional import PERTURBATIONS
 from .passes import RNGState, batchnorm_modules, freeze_batchnorm_stats
 from .reporting import MetricsAccumulator
 from .variants import NO_SAM, check_sam_config
@@ -58,6 +60,7 @@ class TwoPassStep:
 
     def __init__(self) -> None:
         self.backup: list[Tensor] | None = None
+        self._climbed: list[Tensor] | None = None  # the weights now at w + e (their saved w is `backup`)
 
     def _backup_buffers(self, params: list[Tensor]) -> list[Tensor]:
         """Buffers for the saved weights, allocated once and reused (re-made if the set of params changes)."""
@@ -65,6 +68,55 @@ class TwoPassStep:
         if backup is None or len(backup) != len(params) or any(b.shape != p.shape for b, p in zip(backup, params)):
             backup = self.backup = [torch.empty_like(p) for p in params]
         return backup
+
+    def _climb(
+        self,
+        weights: list[Tensor],
+        grads: list[Tensor],
+        grad_norm: Tensor,
+        grad_unscale: Tensor | float,
+        *,
+        variant: str,
+        rho: float,
+        asam_eta: float,
+        partitioned: Any = None,
+        editing: Callable[[], Any] = contextlib.nullcontext,
+    ) -> tuple[Tensor, list[Tensor]]:
+        """``w ← w + e`` in place, ``w`` saved first; returns whether ``e`` was applied (on the device) and the
+        saved weights. ``grads`` hold ``e`` afterwards. ``editing``: a context around the change of the weights."""
+        at = weights
+        if PERTURBATIONS[variant] == "asam" and any(w.dtype != g.dtype for w, g in zip(weights, grads)):
+            at = [w.to(g.dtype) for w, g in zip(weights, grads)]  # T = |w| + η next to g (bf16 weights, fp32 g)
+        scale = functional.perturbation_scale(
+            variant, rho, grad_norm, params=at, grads=grads, asam_eta=asam_eta, grad_unscale=grad_unscale,
+            partitioned=partitioned,
+        )  # fmt: skip
+        del at
+        valid = torch.isfinite(scale) & torch.isfinite(grad_norm) & (grad_norm > 0)  # on device: no sync
+        scale = torch.where(valid, scale, torch.zeros_like(scale))  # zero or non-finite ‖g‖: e = 0
+        functional.zero_unless_(grads, valid)  # skipped: e = 0 exactly, even where g holds inf/NaN (fp16)
+        backup = self._backup_buffers(weights)
+        with editing():
+            functional.save_(backup, weights)  # save w
+            self._climbed = weights  # from here on, an exception restores w
+            functional.ascend_(weights, grads, scale, variant=variant, asam_eta=asam_eta, overwrite_grads=True)
+        return valid, backup
+
+    def _restore(self, editing: Callable[[], Any] = contextlib.nullcontext) -> None:
+        """``w`` back, exactly, if the weights were moved (also after an exception); no cast of ``w + e`` kept."""
+        if self._climbed is not None:
+            with editing():
+                functional.restore_(self._climbed, self.backup)  # w, exactly
+            self._climbed = None
+        torch.clear_autocast_cache()
+
+    @staticmethod
+    def _renormalization(
+        grad_norm: Tensor, ascent_grad_norm: Tensor, variant: str, renormalize: bool | None
+    ) -> tuple[Tensor, bool, Tensor]:
+        """``γ = ‖g‖/‖g_asc‖``, whether the variant rescales by it, and whether the rescale was skipped."""
+        gamma, rescale_skipped = functional.renormalization_factor(grad_norm, ascent_grad_norm)
+        return gamma, functional.uses_renormalization(variant, renormalize), rescale_skipped
 
     def run(
         self,
@@ -99,9 +151,7 @@ class TwoPassStep:
         """
         params, others = list(params), list(others)
         stash = _take_grads(params + others)  # gradient of earlier micro-batches, set aside
-        with_grad: list[nn.Parameter] = []
-        backup: list[Tensor] = []
-        moved = False
+        self._climbed = None
         try:
             rng = RNGState.capture() if replay_rng else None
             loss = first_pass()  # g = ∇F(w)
@@ -112,18 +162,9 @@ class TwoPassStep:
                 grad_norm = functional.global_norm(grads)  # ‖g‖ (stored units)
                 grad_unscale = unscale(grad_norm)  # g = stored · u
                 kept = [t.clone() for t in grads] if keep_orthogonal else None  # g, for v (one more copy)
-                scale = functional.perturbation_scale(
-                    variant, rho, grad_norm, params=with_grad, grads=grads, asam_eta=asam_eta,
-                    grad_unscale=grad_unscale,
-                )  # fmt: skip
-                valid = torch.isfinite(scale) & torch.isfinite(grad_norm) & (grad_norm > 0)  # on device: no sync
-                scale = torch.where(valid, scale, torch.zeros_like(scale))  # zero or non-finite ‖g‖: e = 0
-                functional.zero_unless_(grads, valid)  # skipped: e = 0 exactly, even where g holds inf/NaN (fp16)
-                backup = self._backup_buffers(with_grad)
-                functional.save_(backup, with_grad)  # save w
-                moved = True
-                functional.ascend_(with_grad, grads, scale, variant=variant, asam_eta=asam_eta, overwrite_grads=True)
-                for p in with_grad:  # w + e; g is no longer needed: freed before the second pass (peak memory)
+                valid, _ = self._climb(with_grad, grads, grad_norm, grad_unscale, variant=variant, rho=rho,
+                                       asam_eta=asam_eta)  # w + e  # fmt: skip
+                for p in with_grad:  # g is no longer needed: freed before the second pass (peak memory)
                     p.grad = None
                 del grads
             torch.clear_autocast_cache()  # an autocast region around both passes must not reuse casts of w
@@ -133,17 +174,14 @@ class TwoPassStep:
                 ascent_loss = second_pass()  # g_asc = ∇F(w + e)
         except BaseException:
             with torch.no_grad():
-                if moved:
-                    functional.restore_(with_grad, backup)  # w, exactly
-                    torch.clear_autocast_cache()
+                self._restore()  # w, exactly
                 for p in params + others:
                     p.grad = None  # this micro-batch's partial gradients
                 _give_back_grads(params + others, stash)  # the earlier micro-batches', as they were
             raise
 
         with torch.no_grad():
-            functional.restore_(with_grad, backup)  # w, exactly
-            torch.clear_autocast_cache()  # ... nor of w + e after it
+            self._restore()  # w, exactly; no cast of w + e kept
             orthogonal = None
             if kept is not None:
                 at_w_plus_e = [p.grad if p.grad is not None else torch.zeros_like(p) for p in with_grad]
@@ -157,8 +195,8 @@ class TwoPassStep:
             with_grad = [p for p in params if p.grad is not None]
             ascent_grads = [p.grad for p in with_grad]
             ascent_grad_norm = functional.global_norm(ascent_grads)  # ‖g_asc‖ (stored units)
-            gamma, rescale_skipped = functional.renormalization_factor(grad_norm, ascent_grad_norm)
-            renormalizes = functional.uses_renormalization(variant, renormalize)
+            gamma, renormalizes, rescale_skipped = self._renormalization(grad_norm, ascent_grad_norm, variant,
+                                                                         renormalize)  # fmt: skip
             factor = gamma if renormalizes else None  # g_asc ← γ·g_asc
             if loss_scaled:  # × 1, or × NaN after a first-pass overflow: the scaler then skips the step
                 overflow = torch.where(torch.isfinite(grad_norm), 1.0, float("nan")).to(gamma.dtype)

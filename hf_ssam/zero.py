@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from . import functional
-from .backward import MicroBatchResult
+from .backward import MicroBatchResult, TwoPassStep
 from .passes import RNGState, freeze_batchnorm_stats
 
 __all__ = [
@@ -244,20 +244,14 @@ class _BackwardOnly:
         self.engine.backward(loss, **kwargs)
 
 
-class ZeroTwoPassStep:
+class ZeroTwoPassStep(TwoPassStep):
     """The two-pass step of one micro-batch under ZeRO; sums the micro-batches' SAM gradients until the boundary."""
 
     def __init__(self) -> None:
-        self.backup: list[Tensor] | None = None
+        super().__init__()
         self.accumulated: list[Tensor] | None = None  # Σ of this window's SAM gradients (full, or partitions)
 
-    def _backup_buffers(self, weights: list[Tensor]) -> list[Tensor]:
-        backup = self.backup
-        if backup is None or len(backup) != len(weights) or any(b.shape != w.shape for b, w in zip(backup, weights)):
-            backup = self.backup = [torch.empty_like(w) for w in weights]
-        return backup
-
-    def run(
+    def run(  # type: ignore[override]
         self,
         zero: ZeroEngine,
         params: Sequence[nn.Parameter],
@@ -275,10 +269,9 @@ class ZeroTwoPassStep:
     ) -> MicroBatchResult:
         """One micro-batch; at the ``boundary`` the window's SAM gradient goes to DeepSpeed (the caller steps)."""
         params = list(params)
-        group = zero.group(params)
+        group = zero.group(params)  # ZeRO-3: norms over the partitions
         weights = zero.weights(params)
-        backup: list[Tensor] = []
-        moved = False
+        self._climbed = None
         try:
             rng = RNGState.capture() if replay_rng else None
             loss = first_pass()  # g = ∇F(w), reduced over the processes
@@ -287,24 +280,8 @@ class ZeroTwoPassStep:
             with torch.no_grad():
                 grad_norm = functional.global_norm(grads, partitioned=group)  # ‖g‖ (stored units)
                 grad_unscale = unscale(grad_norm)  # g = stored · u
-                at = (
-                    weights
-                    if variant != "asam" or all(w.dtype == g.dtype for w, g in zip(weights, grads))
-                    else [w.to(g.dtype) for w, g in zip(weights, grads)]
-                )  # ASAM's T = |w| + η next to g's dtype (bf16 weights, fp32 gradients)
-                scale = functional.perturbation_scale(
-                    variant, rho, grad_norm, params=at, grads=grads, asam_eta=asam_eta, grad_unscale=grad_unscale,
-                    partitioned=group,
-                )  # fmt: skip
-                del at
-                valid = torch.isfinite(scale) & torch.isfinite(grad_norm) & (grad_norm > 0)
-                scale = torch.where(valid, scale, torch.zeros_like(scale))  # zero or non-finite ‖g‖: e = 0
-                functional.zero_unless_(grads, valid)
-                backup = self._backup_buffers(weights)
-                with zero.editing():
-                    functional.save_(backup, weights)  # save w
-                    moved = True
-                    functional.ascend_(weights, grads, scale, variant=variant, asam_eta=asam_eta, overwrite_grads=True)
+                valid, _ = self._climb(weights, grads, grad_norm, grad_unscale, variant=variant, rho=rho,
+                                       asam_eta=asam_eta, partitioned=group, editing=zero.editing)  # fmt: skip
                 del grads  # w + e; g freed before the second pass
             torch.clear_autocast_cache()
             if rng is not None:
@@ -315,21 +292,16 @@ class ZeroTwoPassStep:
             zero.clear(params)
         except BaseException:
             with torch.no_grad():
-                if moved:
-                    with zero.editing():
-                        functional.restore_(weights, backup)  # w, exactly
-                    torch.clear_autocast_cache()
+                self._restore(zero.editing)  # w, exactly
                 with contextlib.suppress(Exception):  # no gradient of this micro-batch is left behind
                     zero.clear(params)
-            raise
+            raise  # the earlier micro-batches' sum (`accumulated`) is kept
 
         with torch.no_grad():
-            with zero.editing():
-                functional.restore_(weights, backup)  # w, exactly
-            torch.clear_autocast_cache()
+            self._restore(zero.editing)  # w, exactly
             ascent_grad_norm = functional.global_norm(ascent_grads, partitioned=group)  # ‖g_asc‖ (stored units)
-            gamma, rescale_skipped = functional.renormalization_factor(grad_norm, ascent_grad_norm)
-            renormalizes = functional.uses_renormalization(variant, renormalize)
+            gamma, renormalizes, rescale_skipped = self._renormalization(grad_norm, ascent_grad_norm, variant,
+                                                                         renormalize)  # fmt: skip
             if renormalizes:
                 functional.rescale_(ascent_grads, gamma)  # g_asc ← γ·g_asc
             if self.accumulated is None:

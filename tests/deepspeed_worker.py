@@ -61,8 +61,17 @@ class DropoutMLP(MLP):
 
 
 class InOrder(SSAMTrainer):
+    momentum = 0.9
+
     def _get_train_sampler(self, *args, **kwargs):
         return SequentialSampler(self.train_dataset)
+
+    def create_optimizer(self, *args, **kwargs):
+        """SGD with the run's momentum (transformers 4.x ignores `optim_args` for `optim="sgd"`)."""
+        if self.optimizer is None:
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            self.optimizer = torch.optim.SGD(params, lr=self.args.learning_rate, momentum=self.momentum)
+        return self.optimizer
 
 
 def make_args(out: str, spec: dict, **overrides) -> SSAMTrainingArguments:
@@ -70,7 +79,7 @@ def make_args(out: str, spec: dict, **overrides) -> SSAMTrainingArguments:
         output_dir=os.path.join(out, spec["name"]), report_to="none", use_cpu=True, save_strategy="no",
         disable_tqdm=True, logging_steps=1, max_steps=spec.get("steps", 4), per_device_train_batch_size=4,
         gradient_accumulation_steps=spec.get("accumulation", 1), learning_rate=0.05, lr_scheduler_type="constant",
-        optim="sgd", optim_args="momentum=0.9", max_grad_norm=spec.get("max_grad_norm", 1.0),
+        max_grad_norm=spec.get("max_grad_norm", 1.0),
         sam_replay_rng=spec.get("replay_rng", True),
         bf16=spec.get("bf16", False), sam_variant=spec.get("variant", "ssam"), sam_rho=spec.get("rho", 0.1),
         sam_sync_ascent=True, seed=0, dataloader_num_workers=0, deepspeed=ds_config(spec),
@@ -110,12 +119,13 @@ def build_lm(out: str, spec: dict, **overrides) -> tuple[InOrder, list]:
         ),
         with_kwargs=True,
     )
-    values = dict(per_device_train_batch_size=2, steps=spec.get("steps", 1), learning_rate=0.5, optim_args=None,
-                  max_grad_norm=0.0, sam_rho=0.05)  # fmt: skip
+    values = dict(per_device_train_batch_size=2, steps=spec.get("steps", 1), learning_rate=0.5, max_grad_norm=0.0,
+                  sam_rho=0.05)  # fmt: skip
     values.update(overrides)
     steps = values.pop("steps")
     args = make_args(out, {**spec, "steps": steps}, **values)
     trainer = InOrder(model=model, args=args, train_dataset=Sequences(spec["lengths"]))
+    trainer.momentum = 0.0  # plain SGD: the hand computation is one step of w − lr·g
     return trainer, seen
 
 
