@@ -1,6 +1,6 @@
 """Where a pass's gradient lives and how it is synchronized: one process, DDP, FSDP2; the fp16 loss scale.
 
-The two-pass step (`hf_ssam.backward`) talks to these few functions and never to a data-parallel wrapper directly:
+The two-pass step (`hf_ssam.step`) talks to these few functions and never to a data-parallel wrapper directly:
 which gradient sync a pass runs with (`pass_sync_context`), the one all-reduce of a local ascent
 (`all_reduce_mean_`), and the loss scale the stored gradients carry (`loss_scale_of`).
 """

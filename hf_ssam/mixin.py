@@ -18,7 +18,6 @@ from transformers import Trainer, TrainingArguments
 
 from . import functional, normalization
 from .arguments import SSAMTrainingArguments, _fsdp_refusal, _SAMArgumentsMixin, sam_arguments
-from .backward import TwoPassStep
 from .engines import (
     all_reduce_mean_,
     all_reduce_tensors_mean_,
@@ -32,6 +31,7 @@ from .normalization import LossKind
 from .optimizer import SSAMOptimizer
 from .passes import PreparedInputs, batchnorm_modules, leave_no_trace, shallow_copy
 from .reporting import CARD_HEADING, MetricsAccumulator, model_card_section
+from .step import TwoPassStep
 from .zero import ZeroEngine, ZeroTwoPassStep, check_deepspeed_version, deepspeed_refusal
 
 __all__ = ["SSAMMixin"]
@@ -58,7 +58,7 @@ class SSAMMixin:
     class. The optimizer is the base optimizer (AdamW unless `optim` or `optimizers=` say otherwise).
 
     Each SAM step (from `sam_start` on, every `sam_interval` steps; with `sam_reuse` the steps in between run one
-    pass and add the direction kept at the last SAM step), for every micro-batch (`hf_ssam.backward.TwoPassStep`):
+    pass and add the direction kept at the last SAM step), for every micro-batch (`hf_ssam.step.TwoPassStep`):
 
     1. the gradient accumulated by earlier micro-batches is set aside;
     2. first pass, at `w`: `g = ∇F(w)` (the Trainer's own `training_step`);

@@ -17,7 +17,7 @@ two-pass step needs from it, through DeepSpeed's public tensor API where there i
   stage 3 the gathered parameters are released before the partitions change and the persistent ones gathered
   again after, as DeepSpeed's optimizer step does. The fp32 master weights are never touched.
 
-`ZeroTwoPassStep` is `hf_ssam.backward.TwoPassStep` for that storage: the same maths (`hf_ssam.functional`), the same
+`ZeroTwoPassStep` is `hf_ssam.step.TwoPassStep` for that storage: the same maths (`hf_ssam.functional`), the same
 exception safety (``w`` back bitwise, the earlier micro-batches' SAM gradients kept, the storage emptied).
 
 These parts of DeepSpeed are not all public (``ds_tensor``, the parameter coordinator's release, the persistent
@@ -36,8 +36,8 @@ import torch
 from torch import Tensor, nn
 
 from . import functional
-from .backward import MicroBatchResult, TwoPassStep
 from .passes import RNGState, freeze_batchnorm_stats
+from .step import MicroBatchResult, TwoPassStep
 
 __all__ = [
     "DEEPSPEED_TESTED",
