@@ -114,6 +114,22 @@ def environment() -> dict[str, str]:
     return info
 
 
+def proc_status_bytes(field: str) -> int:
+    """A memory field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``, ...) in bytes (Linux)."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def reset_rss_peak() -> int:
+    """Reset the resident-set high-water mark (``VmHWM``) to the current resident set; returns that set's bytes."""
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+    return proc_status_bytes("VmRSS")
+
+
 class Stopwatch:
     """``with Stopwatch() as sw: ...; sw.seconds`` — wall time of a block."""
 

@@ -60,21 +60,6 @@ def _parse(argv: list[str] | None = None) -> argparse.Namespace:
 # --- worker (one rank, one stage, one mode) -------------------------------------------------------------------
 
 
-def _proc_kib(field: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak() -> int:
-    """Start a new peak measurement; returns the bytes held now."""
-    with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")  # reset the resident-set high-water mark to the current resident set
-    return _proc_kib("VmRSS") * 1024
-
-
 def worker(ns: argparse.Namespace) -> None:
     import importlib
 
@@ -115,9 +100,9 @@ def worker(ns: argparse.Namespace) -> None:
         )  # fmt: skip
         trainer = SSAMTrainer(model=model, args=args, train_dataset=data)
         gc.collect()
-        before = _reset_peak()
+        before = _common.reset_rss_peak()
         trainer.train()
-        peak = _proc_kib("VmHWM") * 1024 - before
+        peak = _common.proc_status_bytes("VmHWM") - before
     backup = trainer._sam_zero_step.backup or []
     rank, world = dist.get_rank(), dist.get_world_size()
     backup_bytes = sum(b.numel() * b.element_size() for b in backup)

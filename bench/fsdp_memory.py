@@ -58,14 +58,6 @@ def _parse(argv: list[str] | None = None) -> argparse.Namespace:
 # --- worker (one rank, one mode) ----------------------------------------------------------------------------
 
 
-def _proc_kib(field: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def _reset_peak(device) -> int:
     """Start a new peak measurement; returns the bytes held now."""
     import torch
@@ -74,9 +66,7 @@ def _reset_peak(device) -> int:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         return int(torch.cuda.memory_allocated(device))
-    with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")  # reset the resident-set high-water mark to the current resident set
-    return _proc_kib("VmRSS") * 1024
+    return _common.reset_rss_peak()
 
 
 def _peak(device) -> int:
@@ -85,7 +75,7 @@ def _peak(device) -> int:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         return int(torch.cuda.max_memory_allocated(device))
-    return _proc_kib("VmHWM") * 1024
+    return _common.proc_status_bytes("VmHWM")
 
 
 def train(ns: argparse.Namespace, device, mesh, width: int, depth: int, steps: int):
