@@ -149,7 +149,15 @@ def safe_full(p: torch.nn.Parameter) -> torch.Tensor:
 
 
 def run_train(out: str, spec: dict) -> dict:
+    if "accelerate_env" in spec:  # DeepSpeed from an Accelerate config, as `accelerate launch --config_file` sets it
+        with environment(**spec["accelerate_env"]):
+            trainer, seen = build(out, spec, deepspeed=None)
+            return _run_train(out, spec, trainer, seen)
     trainer, seen = build(out, spec)
+    return _run_train(out, spec, trainer, seen)
+
+
+def _run_train(out: str, spec: dict, trainer: InOrder, seen: list) -> dict:
     start = torch.cat([p.detach().reshape(-1).float().clone() for p in trainer.model.parameters()])
     start_named = {n: p.detach().float().clone() for n, p in trainer.model.named_parameters()}
     resume = spec.get("resume_at")
@@ -179,6 +187,7 @@ def run_train(out: str, spec: dict) -> dict:
         "engine_global_steps": engine.global_steps,
         "trainer_global_step": trainer.state.global_step,
         "bf16": engine.bfloat16_enabled(),
+        "from_accelerate_config": trainer.args.deepspeed is None and trainer.is_deepspeed_enabled,
         "sam_set": [n for n, p in trainer.model.named_parameters() if any(p is q for q in sam_set)],
         "trainable": [n for n, p in trainer.model.named_parameters() if p.requires_grad],
         "backup_numel": sum(b.numel() for b in backup),

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import test_fsdp_trainer
 import torch
+import yaml
 from _lm import hand_sam_gradient, label_tokens, tiny_lm
 from test_fsdp_trainer import IGNORE, TOLERANCE, global_micro_batches, reference
 
@@ -35,6 +36,27 @@ EQUIVALENCE = [
     for v in VARIANTS
     for k in (1, 2)
 ] + [{"name": f"z1-{v}-ga{k}", "stage": 1, "variant": v, "accumulation": k} for v in ("ssam", "sam") for k in (1, 2)]
+
+
+def _accelerate_env(path: Path) -> dict[str, str]:
+    """The variables `accelerate launch --config_file` sets from a DeepSpeed config (accelerate/utils/launch.py);
+    the tests run fp32 (the configs' bf16 is compared within bf16 tolerance elsewhere)."""
+    config = yaml.safe_load(path.read_text())["deepspeed_config"]
+    names = {"zero_stage": "DEEPSPEED_ZERO_STAGE", "gradient_accumulation_steps": "GRADIENT_ACCUMULATION_STEPS",
+             "gradient_clipping": "GRADIENT_CLIPPING", "zero3_init_flag": "DEEPSPEED_ZERO3_INIT",
+             "offload_optimizer_device": "DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE",
+             "offload_param_device": "DEEPSPEED_OFFLOAD_PARAM_DEVICE",
+             "zero3_save_16bit_model": "DEEPSPEED_ZERO3_SAVE_16BIT_MODEL"}  # fmt: skip
+    env = {"ACCELERATE_" + names[k]: str(v).lower() for k, v in config.items()}
+    return {**env, "ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_MIXED_PRECISION": "no"}
+
+
+RECIPES = {s: ROOT / "recipes" / "accelerate" / f"deepspeed_zero{s}_8gpu.yaml" for s in (2, 3)}
+EQUIVALENCE += [
+    {"name": f"z{s}-recipe-config-ssam-ga1", "stage": s, "variant": "ssam", "accumulation": 1,
+     "accelerate_env": _accelerate_env(path)}
+    for s, path in RECIPES.items()
+]  # fmt: skip
 EQUIVALENCE += [
     # ZeRO-3 with every parameter partitioned (the default threshold keeps the tiny ones gathered: persistent)
     {"name": "z3-unpersisted-ssam-ga2", "stage": 3, "variant": "ssam", "accumulation": 2,
@@ -105,6 +127,7 @@ def _expected(monkeypatch):
 def test_two_zero_processes_equal_one_process_on_the_whole_batch(results, run, _expected):
     r0, r1 = results(run["name"], 0), results(run["name"], 1)
     assert r0["world_size"] == 2 and r0["engine"] == "DeepSpeedEngine" and r0["stage"] == run["stage"]
+    assert r0["from_accelerate_config"] == ("accelerate_env" in run)
     start, expected = _expected(run, results)
     for r in (r0, r1):
         err = (r["weights"].double() - expected).abs().max().item()
