@@ -88,7 +88,7 @@ def worker(ns: argparse.Namespace) -> None:
     data = [{"x": torch.randn(ns.width, generator=g), "labels": torch.randn((), generator=g)} for _ in range(64)]
     config = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
               "gradient_clipping": "auto", "zero_allow_untested_optimizer": True,
-              "zero_optimization": {"stage": ns.stage}}  # fmt: skip
+              "zero_optimization": {"stage": ns.stage}, "fp16": {"enabled": "auto"}}  # fmt: skip
     model = Wide()
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     with tempfile.TemporaryDirectory() as tmp:

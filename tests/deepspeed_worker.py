@@ -46,6 +46,7 @@ def ds_config(spec: dict) -> dict:
         "zero_allow_untested_optimizer": True,  # the Trainer's torch SGD as DeepSpeed's client optimizer
         "zero_optimization": zero,
         "bf16": {"enabled": "auto"},
+        "fp16": {"enabled": "auto"},  # transformers 4.x reads a config without an fp16 section as fp16
     }
 
 
