@@ -5,7 +5,7 @@ PY_MIN := .venv-min/bin/python
 # (tools and examples written for the newest versions, run by `make test`) and the CUDA tests (no GPU in CI; run
 # by `make gpu-check`). Everything else runs; the tests that torch 2.6 or transformers 4.x cannot run skip,
 # naming the version and the reason: FSDP2 on CPU processes (torch 2.6), loss_is_scaled_for_ga
-# (transformers >= 5.19), DeepSpeed (not installed in .venv-min).
+# (transformers >= 5.19).
 MIN_LEFT_OUT := tests/test_bench.py tests/test_bench_gamma_control.py tests/test_docs.py tests/test_recipes.py \
 	tests/test_sft_recipe.py tests/test_cuda.py
 export OMP_NUM_THREADS := 1
